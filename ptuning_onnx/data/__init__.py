@@ -1,0 +1,1 @@
+"""Small datasets shipped with ptuning_onnx (see README.md)."""
