@@ -54,7 +54,7 @@ def load_base(path: Union[str, os.PathLike], task: TaskType, *, labels: Optional
                       label2id={str(name): i for i, name in enumerate(labels)})
     auto = getattr(transformers, _AUTO_CLASSES[task])
     try:
-        model = auto.from_pretrained(str(folder), use_safetensors=True, torch_dtype=dtype, **kwargs)
+        model = auto.from_pretrained(str(folder), use_safetensors=True, dtype=dtype, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise ConfigError(f"architecture of {folder} does not support task {task.value}") from None
@@ -151,43 +151,48 @@ class PTuningModel(nn.Module):
                 pad = torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device)
                 kwargs["labels"] = torch.cat([pad, labels], dim=1)
             out = self.base(**kwargs, use_cache=False)
-            out.logits = out.logits[:, n:]
+            out["logits"] = out["logits"][:, n:]
             return out
         if self.task == TaskType.SEQ_2_SEQ_LM:
             out = self.base(**kwargs, labels=labels, decoder_input_ids=decoder_input_ids,
                             decoder_attention_mask=decoder_attention_mask, use_cache=False)
-            out.encoder_last_hidden_state = out.encoder_last_hidden_state[:, n:]
+            out["encoder_last_hidden_state"] = out["encoder_last_hidden_state"][:, n:]
             return out
         if self.task == TaskType.TOKEN_CLS:
             out = self.base(**kwargs)
-            out.logits = out.logits[:, n:]
+            out["logits"] = out["logits"][:, n:]
             if labels is not None:
-                out.loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(),
-                                                       ignore_index=-100)
+                out["loss"] = nn.functional.cross_entropy(out["logits"].flatten(0, 1).float(), labels.flatten(),
+                                                          ignore_index=-100)
             return out
         if self.task == TaskType.SEQ_CLS:
             return self.base(**kwargs, labels=labels)
         out = self.base(**kwargs)  # FEATURE_EXTRACTION
-        out.last_hidden_state = out.last_hidden_state[:, n:]
+        out["last_hidden_state"] = out["last_hidden_state"][:, n:]
         return out
 
     # ---- decoding, used by parity checks and tests ---------------------------------------------------------
 
     @torch.no_grad()
     def greedy(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-               max_new_tokens: int = 16) -> torch.Tensor:
-        """Greedy new tokens (batch, max_new_tokens) through the KV cache; no EOS stop, so shapes are fixed."""
+               max_new_tokens: int = 16, return_logits: bool = False):
+        """Greedy new tokens (batch, max_new_tokens) through the KV cache; no EOS stop, so shapes are fixed.
+
+        With ``return_logits`` also the (batch, max_new_tokens, vocab) logits each token was chosen from.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.task == TaskType.SEQ_2_SEQ_LM:
-            return self._greedy_seq2seq(input_ids, attention_mask, max_new_tokens)
+            tokens, logits = self._greedy_seq2seq(input_ids, attention_mask, max_new_tokens)
+            return (tokens, logits) if return_logits else tokens
         if self.task != TaskType.CAUSAL_LM:
             raise ConfigError(f"greedy decoding needs CAUSAL_LM or SEQ_2_SEQ_LM, not {self.task.value}")
         kwargs = self.extend_inputs(input_ids, attention_mask)
         out = self.base(**kwargs, use_cache=True)
         mask = attention_mask
-        new = []
+        new, logits = [], []
         for step in range(max_new_tokens):
+            logits.append(out.logits[:, -1])
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             new.append(token)
             if step == max_new_tokens - 1:
@@ -198,7 +203,8 @@ class PTuningModel(nn.Module):
             if self._takes_positions:
                 step_kwargs["position_ids"] = self.user_positions(mask)[:, -1:]
             out = self.base(input_ids=token, **step_kwargs)
-        return torch.cat(new, dim=1)
+        tokens = torch.cat(new, dim=1)
+        return (tokens, torch.stack(logits, 1)) if return_logits else tokens
 
     def _greedy_seq2seq(self, input_ids, attention_mask, max_new_tokens):
         kwargs = self.extend_inputs(input_ids, attention_mask)
@@ -206,16 +212,17 @@ class PTuningModel(nn.Module):
                                               attention_mask=kwargs["attention_mask"])
         start = self.base.config.decoder_start_token_id
         tokens = torch.full((input_ids.shape[0], 1), start, dtype=torch.long)
-        past, new = None, []
+        past, new, logits = None, [], []
         for _ in range(max_new_tokens):
             out = self.base(encoder_outputs=encoder_out, attention_mask=kwargs["attention_mask"],
                             decoder_input_ids=tokens[:, -1:] if past is not None else tokens,
                             past_key_values=past, use_cache=True)
             past = out.past_key_values
+            logits.append(out.logits[:, -1])
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             new.append(token)
             tokens = torch.cat([tokens, token], dim=1)
-        return torch.cat(new, dim=1)
+        return torch.cat(new, dim=1), torch.stack(logits, 1)
 
 
 def head_modules(base: nn.Module) -> list[str]:

@@ -1,0 +1,301 @@
+"""``export()``: bake the prompt, trace the prefixed model to ONNX, write a self-describing folder, prove parity.
+
+The folder is built in a temporary sibling and renamed into place only after parity passed, so a killed or
+failed export never leaves anything that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import manifest as mf
+from ..adapter import Adapter, load_adapter
+from ..config import TASK_TO_CLI, TaskType, parse_task
+from ..errors import ConfigError, ExportError, ParityError
+from ..reference import PTuningModel, apply_head_weights, load_base
+from . import _optimum
+from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
+
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    report: Optional[dict]
+
+
+class Progress:
+    """One line per long step, with its duration; silent when ``enabled`` is False."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def step(self, message: str):
+        return _Step(self, message)
+
+
+class _Step:
+    def __init__(self, progress: Progress, message: str):
+        self.progress, self.message = progress, message
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        if self.progress.enabled:
+            print(f"[ptuning-onnx] {self.message} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self.progress.enabled and exc_type is None:
+            print(f"[ptuning-onnx] {self.message}: done in {time.perf_counter() - self.start:.1f}s",
+                  file=sys.stderr, flush=True)
+
+
+def load_reference(base_model: os.PathLike, adapter: os.PathLike | Adapter, task=None,
+                   dtype: torch.dtype = torch.float32) -> PTuningModel:
+    """Base + adapter -> baked ``PTuningModel``, with every mismatch reported before weights are loaded."""
+    base_dir = Path(base_model)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    task = parse_task(task or adapter.config.task_type or _missing_task())
+    config = mf.read_model_config(base_dir) if (base_dir / "config.json").is_file() else None
+    if config is None:
+        raise ConfigError(f"base model folder {base_dir} has no config.json")
+    hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if k in config), None)
+    if hidden is not None and adapter.prompt_embeddings.shape[1] != hidden:
+        raise ConfigError(f"adapter token_dim is {adapter.prompt_embeddings.shape[1]} but base model {base_dir} "
+                          f"has hidden size {hidden}")
+    labels = adapter.labels
+    if labels is None and task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        head = next((v for k, v in adapter.head_weights.items() if k.endswith("weight")), None)
+        if head is not None:
+            labels = [f"LABEL_{i}" for i in range(head.shape[0])]
+    base = load_base(base_dir, task, labels=labels, dtype=dtype)
+    apply_head_weights(base, adapter.head_weights)
+    return PTuningModel(base, adapter.prompt().to(dtype), task).eval()
+
+
+def _missing_task():
+    raise ConfigError("the adapter config has no task_type; pass --task")
+
+
+def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *, task=None, opset: int = 18,
+           dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
+           atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
+           progress: bool = True) -> ExportResult:
+    """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity."""
+    from ..parity import check_parity, default_atol
+
+    output = Path(output)
+    _check_output(output, overwrite)
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; expected cpu or cuda")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"unknown quantization {quantize!r}; expected int8")
+    if not isinstance(opset, int) or not 14 <= opset <= 21:
+        raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
+    report_tag = []
+    log = Progress(progress)
+    with log.step("loading base model and adapter"):
+        ref = load_reference(base_model, adapter, task)
+    task = ref.task
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {_optimum.ROUTE})"):
+            graphs = _export_graphs(ref, tmp, opset)
+        if dtype == "fp16":
+            with log.step("converting graphs to fp16"):
+                for spec in graphs:
+                    _to_fp16(tmp / f"{spec.name}.onnx")
+        if optimize or quantize:
+            with log.step("optimizing graphs" + (f" and quantizing to {quantize}" if quantize else "")):
+                from .optimize import optimize_graph
+
+                for spec in graphs:
+                    optimize_graph(tmp / f"{spec.name}.onnx", ref, fuse=optimize, quantize=quantize)
+                report_tag.append(quantize or "optimized")
+        _copy_side_files(Path(base_model), ref, tmp)
+        manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter, opset, dtype, quantize, optimize)
+        mf.write_manifest(tmp, manifest)
+        report = None
+        if not skip_verify:
+            tolerance = atol if atol is not None else default_atol(dtype, quantize)
+            with log.step(f"verifying parity against PyTorch (atol {tolerance:g})"):
+                try:
+                    report = check_parity(tmp, ref, manifest, atol=tolerance, device=device)
+                except ParityError as exc:
+                    failed = output.with_name(output.name + ".parity-report.json")
+                    if getattr(exc, "report", None) is not None:
+                        failed.write_text(json.dumps(exc.report, indent=2, sort_keys=True))
+                        exc.args = (f"{exc.args[0]} (report: {failed})",)
+                    raise
+            manifest["parity"] = report
+            mf.write_manifest(tmp, manifest)
+        _install(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(output, manifest, report)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {output} is not empty; pass --overwrite to replace an earlier export")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _export_graphs(ref: PTuningModel, folder: Path, opset: int) -> list[GraphSpec]:
+    task = ref.task
+    if task == TaskType.CAUSAL_LM:
+        wrappers = [CausalLMGraph(ref)]
+    elif task == TaskType.SEQ_2_SEQ_LM:
+        wrappers = [Seq2SeqEncoderGraph(ref), Seq2SeqDecoderGraph(ref)]
+    else:
+        wrappers = [EncoderTaskGraph(ref, _optimum.extra_inputs(ref.base, task))]
+    specs = []
+    for wrapper in wrappers:
+        spec = wrapper.spec()
+        path = folder / f"{spec.name}.onnx"
+        with torch.no_grad(), warnings.catch_warnings(), _optimum.patched(ref.base, task):
+            warnings.simplefilter("ignore")  # tracer warnings about python branches are expected and checked by parity
+            try:
+                torch.onnx.export(wrapper.eval(), wrapper.example(), str(path), dynamo=False, opset_version=opset,
+                                  input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
+                                  do_constant_folding=True)
+            except Exception as exc:
+                raise ExportError(f"tracing {spec.name} of '{ref.base.config.model_type}' failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if spec.defaults:
+            _add_defaults(path, spec.defaults)
+        specs.append(spec)
+    return specs
+
+
+def _add_defaults(path: Path, defaults: dict) -> None:
+    """Give optional inputs a default: an initializer with the input's name (ONNX IR >= 4 semantics)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    for name, value in defaults.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    onnx.save(model, str(path))
+
+
+def _to_fp16(path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
+    onnx.save(model, str(path))
+
+
+def _copy_side_files(base_dir: Path, ref: PTuningModel, folder: Path) -> None:
+    # The loaded config, not the file: it carries the adapter's label names as id2label.
+    ref.base.config.save_pretrained(folder)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", folder)
+    found = [name for name in mf.TOKENIZER_FILES if (base_dir / name).is_file()]
+    for name in found:
+        shutil.copy2(base_dir / name, folder / name)
+    if "tokenizer.json" not in found:
+        warnings.warn(f"base model {base_dir} has no tokenizer.json; the export runs on token ids only",
+                      stacklevel=3)
+
+
+def _io(session_io) -> list:
+    return [{"name": x.name, "type": x.type, "shape": [d if isinstance(d, int) else str(d) for d in x.shape]}
+            for x in session_io]
+
+
+def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter, opset, dtype, quantize,
+                    optimize) -> dict:
+    import onnxruntime as ort
+
+    cfg = ref.base.config
+    graphs = {}
+    for spec in specs:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the optional-input initializer warning is expected
+        session = ort.InferenceSession(str(folder / f"{spec.name}.onnx"), options, providers=["CPUExecutionProvider"])
+        graphs[spec.name] = {"file": f"{spec.name}.onnx", "inputs": _io(session.get_inputs()),
+                             "outputs": _io(session.get_outputs()), "defaults": spec.defaults}
+    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions") if getattr(cfg, k, None)), None)
+    adapter_cfg = load_adapter(adapter).config if not isinstance(adapter, Adapter) else adapter.config
+    files = [p.name for p in folder.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME]
+    decoder_layers = getattr(cfg, "num_decoder_layers", None)
+    return {
+        "format": mf.FORMAT_NAME,
+        "format_version": mf.FORMAT_VERSION,
+        "task": TASK_TO_CLI[ref.task],
+        "num_virtual_tokens": ref.n,
+        "token_dim": int(ref.table.shape[1]),
+        "adapter_config": adapter_cfg.to_dict(),
+        "adapter": {"path": str(Path(adapter).resolve()) if not isinstance(adapter, Adapter) else None},
+        "base_model": {
+            "name_or_path": str(base_dir.resolve()),
+            "model_type": cfg.model_type,
+            "architectures": cfg.architectures,
+            "config_sha256": mf.sha256_file(base_dir / "config.json"),
+        },
+        "model": {
+            "vocab_size": int(ref.base.get_input_embeddings().weight.shape[0]),
+            # Limit on the USER's tokens (prompt + generated included): the model's positions minus the prompt.
+            "max_user_tokens": (int(limit) - ref.n) if limit else None,
+            "num_layers": decoder_layers or getattr(cfg, "num_hidden_layers", None),
+            "pad_token_id": cfg.pad_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "bos_token_id": getattr(cfg, "bos_token_id", None),
+            "decoder_start_token_id": getattr(cfg, "decoder_start_token_id", None),
+            "padding_side": "left" if ref.task == TaskType.CAUSAL_LM else "right",
+            "id2label": {str(k): v for k, v in cfg.id2label.items()}
+            if ref.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
+        },
+        "graphs": graphs,
+        "opset": opset,
+        "dtype": dtype,
+        "quantize": quantize,
+        "optimized": bool(optimize),
+        "exporter": _optimum.ROUTE,
+        "versions": _optimum.versions(),
+        "files": mf.hash_files(folder, files),
+        "parity": None,
+    }
+
+
+def _install(tmp: Path, output: Path) -> None:
+    """Swap the finished folder into place. Files in an old ``output`` that we did not write are carried over."""
+    if not output.exists():
+        os.replace(tmp, output)
+        return
+    ours = {mf.MANIFEST_NAME}
+    try:
+        ours.update(mf.read_manifest(output, verify=False).get("files", {}))
+    except Exception:
+        pass  # not an export of ours: everything in it is the user's and is kept
+    foreign = [entry for entry in output.iterdir() if entry.name not in ours]
+    for entry in foreign:
+        if (tmp / entry.name).exists():
+            raise ExportError(f"{entry} was not written by ptuning-export and would be replaced; move it away")
+    for entry in foreign:
+        os.replace(entry, tmp / entry.name)
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""``ptuning_onnx.json``: the manifest that makes an exported folder describe itself.
+
+Torch-free: the runtime reads it. The exporter writes it. Keys are sorted and indented; every file of the folder
+is listed with its sha256 so that a modified or truncated graph is caught before a session is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from .errors import ManifestError
+
+MANIFEST_NAME = "ptuning_onnx.json"
+FORMAT_NAME = "ptuning-onnx"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "spiece.model", "added_tokens.json",
+)
+# Per-task graphs and the optional inputs whose defaults keep the standard interface (see docs/FORMAT.md).
+TASK_GRAPHS = {
+    "causal-lm": ("model",),
+    "seq-cls": ("model",),
+    "token-cls": ("model",),
+    "feature-extraction": ("model",),
+    "seq2seq-lm": ("encoder_model", "decoder_model"),
+}
+
+
+def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
+    """Streamed sha256, so a multi-GB graph never sits in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(folder: Path, names) -> dict:
+    return {name: sha256_file(folder / name) for name in sorted(names)}
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: os.PathLike, *, verify: bool = True) -> dict:
+    """Read and check a folder's manifest. ``verify`` re-hashes every listed file."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ManifestError(f"exported model folder not found: {folder}")
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}; is it a ptuning-onnx export?")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ManifestError(f"{path} is not a {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format_version {version!r}; this version reads {FORMAT_VERSION}")
+    task = manifest.get("task")
+    if task not in TASK_GRAPHS:
+        raise ManifestError(f"{path} names unknown task {task!r}")
+    for name in manifest.get("graphs", {}).values():
+        _check_inside(folder, name["file"])
+    if verify:
+        verify_files(folder, manifest)
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ManifestError(f"{folder / MANIFEST_NAME} lists no files")
+    for name, expected in files.items():
+        path = _check_inside(folder, name)
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(f"{path} was modified after export: sha256 {actual[:12]}... != {expected[:12]}...")
+
+
+def _check_inside(folder: Path, name: str) -> Path:
+    # A manifest is data from a file: never let it point outside its folder.
+    if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ManifestError(f"manifest entry {name!r} points outside {folder}")
+    return folder / name
+
+
+def graph_path(folder: Path, manifest: dict, graph: str) -> Path:
+    try:
+        return Path(folder) / manifest["graphs"][graph]["file"]
+    except KeyError:
+        raise ManifestError(f"manifest of {folder} has no graph {graph!r}") from None
+
+
+def read_model_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no config.json")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+

@@ -1,0 +1,302 @@
+"""Parity: the exported graphs, run in onnxruntime, against the PyTorch reference.
+
+Order: names, then shapes, then values (max abs diff per output, user positions only). Inputs are random and on
+shapes the export never saw: batch {1, 3}, sequence {1, 7, 33}, with padded rows. Generation tasks also decode 16
+greedy steps through the KV cache and need identical tokens.
+
+A negative control runs every time: the same comparison against a reference whose prompt was perturbed must FAIL.
+If it passes, the check cannot see the prompt and is itself broken, which is an error too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import manifest as mf
+from .config import TaskType, parse_task
+from .errors import ParityError
+from .reference import PTuningModel
+
+ATOL = {"fp32": 1e-4, "fp16": 3e-2}
+# int8 weights move logits by far more than float error; parity then proves the prompt is right, not bit-exactness.
+ATOL_INT8 = 0.25
+BATCHES, LENGTHS, GREEDY_STEPS = (1, 3), (1, 7, 33), 16
+
+
+def default_atol(dtype: str = "fp32", quantize: Optional[str] = None) -> float:
+    return ATOL_INT8 if quantize else ATOL[dtype]
+
+
+class _Graphs:
+    def __init__(self, folder: Path, manifest: dict, device: str):
+        import onnxruntime as ort
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.sessions = {}
+        for name in manifest["graphs"]:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # the optional-input initializer warning is expected
+            session = ort.InferenceSession(str(mf.graph_path(folder, manifest, name)), options, providers=providers)
+            if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+                raise ParityError("asked to verify on CUDA but onnxruntime gave only " + str(session.get_providers()))
+            self.sessions[name] = session
+        self.float = np.float16 if manifest["dtype"] == "fp16" else np.float32
+
+    def run(self, graph: str, feed: dict) -> dict:
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, feed)))
+
+    def past_names(self, graph: str) -> list:
+        return [i.name for i in self.sessions[graph].get_inputs() if i.name.startswith("past_key_values.")]
+
+    def empty_past(self, graph: str, batch: int) -> dict:
+        out = {}
+        for i in self.sessions[graph].get_inputs():
+            if i.name.startswith("past_key_values."):
+                out[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), self.float)
+        return out
+
+
+def _cases(vocab: int, limit: Optional[int], padding_side: str, seed: int):
+    """Random (input_ids, attention_mask) pairs; in 3-row batches rows 1 and 2 are padded."""
+    rng = np.random.default_rng(seed)
+    for batch in BATCHES:
+        for length in LENGTHS:
+            if limit is not None and length > limit:
+                continue
+            ids = rng.integers(0, vocab, size=(batch, length), dtype=np.int64)
+            mask = np.ones_like(ids)
+            if batch == 3 and length > 1:
+                for row, real in ((1, max(1, length - 3)), (2, max(1, length // 2))):
+                    if padding_side == "left":
+                        mask[row, : length - real] = 0
+                    else:
+                        mask[row, real:] = 0
+            yield ids, mask
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    return np.clip(np.cumsum(mask, -1) - 1, 0, None)
+
+
+class _Diffs:
+    """Collects max abs diffs per output name and any structural problems."""
+
+    def __init__(self, atol: float):
+        self.atol, self.max, self.problems = atol, {}, []
+
+    def values(self, name: str, got: np.ndarray, want: np.ndarray, where: Optional[np.ndarray] = None) -> None:
+        if got.shape != want.shape:
+            self.problems.append(f"{name}: shape {list(got.shape)} != reference {list(want.shape)}")
+            return
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        if where is not None:
+            diff = diff[where.astype(bool)]
+        value = float(diff.max()) if diff.size else 0.0
+        if not np.isfinite(value):
+            value = float("inf")
+        self.max[name] = max(self.max.get(name, 0.0), value)
+
+    def tokens(self, got: np.ndarray, want: np.ndarray) -> None:
+        if not np.array_equal(got, want):
+            self.problems.append(f"greedy tokens differ: onnx {got.tolist()} vs reference {want.tolist()}")
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(v <= self.atol for v in self.max.values())
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _run_outputs(graphs: _Graphs, manifest: dict, ref_task: TaskType, seed: int):
+    """Run every case through onnxruntime once; returns [(case, onnx outputs)]."""
+    cfg = manifest["model"]
+    vocab, limit = cfg["vocab_size"], cfg["max_user_tokens"]
+    results = []
+    for ids, mask in _cases(vocab, None if limit is None else limit - GREEDY_STEPS, cfg["padding_side"], seed):
+        batch = ids.shape[0]
+        if ref_task == TaskType.CAUSAL_LM:
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
+                    **graphs.empty_past("model", batch)}
+            results.append(((ids, mask), graphs.run("model", feed)))
+        elif ref_task == TaskType.SEQ_2_SEQ_LM:
+            enc = graphs.run("encoder_model", {"input_ids": ids, "attention_mask": mask})
+            dec_ids = np.random.default_rng(seed + 1).integers(0, vocab, size=(batch, 3), dtype=np.int64)
+            dec = graphs.run("decoder_model", {"input_ids": dec_ids, "encoder_attention_mask": mask,
+                                               "encoder_hidden_states": enc["last_hidden_state"],
+                                               **graphs.empty_past("decoder_model", batch)})
+            results.append(((ids, mask, dec_ids), {**enc, **dec}))
+        else:
+            feed = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in [i.name for i in graphs.sessions["model"].get_inputs()]:
+                feed["token_type_ids"] = np.zeros_like(ids)
+            results.append(((ids, mask), graphs.run("model", feed)))
+    return results
+
+
+def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, steps: int):
+    """Greedy decode in onnxruntime through the KV cache; returns (tokens (B, steps), logits (B, steps, V))."""
+    batch = ids.shape[0]
+    tokens, logits = [], []
+    if task == TaskType.CAUSAL_LM:
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
+                "logits_to_keep": np.array(1, np.int64), **graphs.empty_past("model", batch)}
+        past_names = graphs.past_names("model")
+        for _ in range(steps):
+            out = graphs.run("model", feed)
+            last = out["logits"][:, -1]
+            token = last.argmax(-1)[:, None].astype(np.int64)
+            tokens.append(token), logits.append(last)
+            mask = np.concatenate([mask, np.ones_like(token)], 1)
+            feed = {"input_ids": token, "attention_mask": mask, "position_ids": _positions(mask)[:, -1:],
+                    "logits_to_keep": np.array(1, np.int64)}
+            feed.update({name: out[name.replace("past_key_values", "present")] for name in past_names})
+    else:
+        enc = graphs.run("encoder_model", {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+        token = np.full((batch, 1), manifest["model"]["decoder_start_token_id"], np.int64)
+        past = graphs.empty_past("decoder_model", batch)
+        for _ in range(steps):
+            out = graphs.run("decoder_model", {"input_ids": token, "encoder_attention_mask": mask,
+                                               "encoder_hidden_states": enc, **past})
+            last = out["logits"][:, -1]
+            token = last.argmax(-1)[:, None].astype(np.int64)
+            tokens.append(token), logits.append(last)
+            past = {name: out[name.replace("past_key_values", "present")] for name in past}
+    return np.concatenate(tokens, 1), np.stack(logits, 1)
+
+
+@torch.no_grad()
+def _compare(ref: PTuningModel, runs, greedy, diffs: _Diffs) -> None:
+    n = ref.n
+    for case, out in runs:
+        ids, mask = _t(case[0]), _t(case[1])
+        if ref.task == TaskType.CAUSAL_LM:
+            want = ref(ids, mask).logits.float().numpy()
+            diffs.values("logits", out["logits"], want, case[1])
+        elif ref.task == TaskType.SEQ_2_SEQ_LM:
+            r = ref(ids, mask, decoder_input_ids=_t(case[2]))
+            hidden = out["last_hidden_state"]
+            diffs.values("last_hidden_state", hidden[:, n:], r.encoder_last_hidden_state.float().numpy(), case[1])
+            diffs.values("logits", out["logits"], r.logits.float().numpy())
+        elif ref.task == TaskType.SEQ_CLS:
+            diffs.values("logits", out["logits"], ref(ids, mask, torch.zeros_like(ids)).logits.float().numpy())
+        else:
+            key = "logits" if ref.task == TaskType.TOKEN_CLS else "last_hidden_state"
+            want = ref(ids, mask, torch.zeros_like(ids))[key].float().numpy()
+            diffs.values(key, out[key], want, case[1])
+    if greedy is not None:
+        (ids, mask), (tokens, logits) = greedy
+        want_tokens, want_logits = ref.greedy(_t(ids), _t(mask), tokens.shape[1], return_logits=True)
+        diffs.values("greedy_logits", logits, want_logits.float().numpy())
+        diffs.tokens(tokens, want_tokens.numpy())
+
+
+def _check_names(graphs: _Graphs, manifest: dict) -> list:
+    problems = []
+    for name, session in graphs.sessions.items():
+        declared = manifest["graphs"][name]
+        for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+            want = [x["name"] for x in declared[kind]]
+            got = [x.name for x in actual]
+            if want != got:
+                problems.append(f"{name} {kind}: graph has {got}, manifest declares {want}")
+    return problems
+
+
+def perturbed(ref: PTuningModel, seed: int = 0) -> PTuningModel:
+    """The negative control: the same base with a clearly different prompt."""
+    table = ref.prompt_embeds(1)[0].detach().float()
+    noise = torch.randn(table.shape, generator=torch.Generator().manual_seed(seed))
+    scale = max(float(table.abs().max()), 1.0)
+    return PTuningModel(ref.base, (table + noise * scale).to(ref.base.dtype), ref.task).eval()
+
+
+def check_parity(folder: os.PathLike, ref: PTuningModel, manifest: dict, *, atol: float, device: str = "cpu",
+                 seed: int = 0) -> dict:
+    """Run the parity check; return the report, or raise ``ParityError`` (with ``.report``) on failure."""
+    folder = Path(folder)
+    ref = ref.eval()
+    graphs = _Graphs(folder, manifest, device)
+    task = ref.task
+    report = {"atol": atol, "device": device, "seed": seed, "batches": list(BATCHES), "lengths": list(LENGTHS)}
+    problems = _check_names(graphs, manifest)
+    if problems:
+        report.update(passed=False, problems=problems)
+        raise _failure("names differ: " + "; ".join(problems), report)
+    runs = _run_outputs(graphs, manifest, task, seed)
+    greedy = None
+    if task in (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM):
+        ids, mask = next((c for c, _ in runs if c[0].shape[0] == 3 and c[0].shape[1] == 7), runs[-1][0])[:2]
+        greedy = ((ids, mask), _greedy_onnx(graphs, manifest, task, ids, mask, GREEDY_STEPS))
+        report["greedy_steps"] = GREEDY_STEPS
+    main = _Diffs(atol)
+    _compare(ref, runs, greedy, main)
+    control = _Diffs(atol)
+    _compare(perturbed(ref, seed), runs, greedy, control)
+    report.update(
+        passed=main.passed and not control.passed,
+        max_abs_diff=main.max,
+        problems=main.problems,
+        negative_control={"max_abs_diff": control.max, "failed_as_expected": not control.passed},
+        cases=len(runs),
+    )
+    if not main.passed:
+        worst = ", ".join(f"{k}={v:.3g}" for k, v in main.max.items())
+        detail = "; ".join(main.problems) or f"max abs diff {worst} exceeds atol {atol:g}"
+        raise _failure(f"ONNX output differs from the PyTorch reference: {detail}", report)
+    if control.passed:
+        raise _failure("negative control passed: a perturbed prompt met the tolerance, so this check cannot see "
+                       "the prompt", report)
+    return report
+
+
+def _failure(message: str, report: dict) -> ParityError:
+    report["passed"] = False
+    report["error"] = message
+    err = ParityError(message)
+    err.report = report
+    return err
+
+
+def verify(folder: os.PathLike, *, base_model: Optional[os.PathLike] = None, adapter: Optional[os.PathLike] = None,
+           report: Optional[os.PathLike] = None, atol: Optional[float] = None, device: str = "cpu") -> dict:
+    """Re-run parity on an exported folder (the paths recorded at export time are used unless given)."""
+    from .export.exporter import load_reference
+
+    folder = Path(folder)
+    manifest = mf.read_manifest(folder, verify=True)
+    base_model = Path(base_model or manifest["base_model"]["name_or_path"])
+    adapter = adapter or manifest.get("adapter", {}).get("path")
+    if adapter is None or not Path(adapter).is_dir() or not base_model.is_dir():
+        raise ParityError(f"base model or adapter of {folder} not found; pass --base-model and --adapter")
+    if mf.sha256_file(base_model / "config.json") != manifest["base_model"]["config_sha256"]:
+        raise ParityError(f"{base_model}/config.json differs from the one {folder} was exported from")
+    ref = load_reference(base_model, adapter, parse_task(manifest["task"]))
+    tolerance = atol if atol is not None else default_atol(manifest["dtype"], manifest.get("quantize"))
+    try:
+        result = check_parity(folder, ref, manifest, atol=tolerance, device=device)
+    except ParityError as exc:
+        if report is not None:
+            Path(report).write_text(json.dumps(exc.report, indent=2, sort_keys=True))
+        raise
+    if report is not None:
+        Path(report).write_text(json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+def assert_parity(folder: os.PathLike, *, base_model: Optional[os.PathLike] = None,
+                  adapter: Optional[os.PathLike] = None, atol: Optional[float] = None) -> dict:
+    """pytest helper: ``assert_parity(export_dir)`` fails the test with the parity message on any mismatch."""
+    try:
+        return verify(folder, base_model=base_model, adapter=adapter, atol=atol)
+    except ParityError as exc:
+        raise AssertionError(str(exc)) from None
