@@ -20,7 +20,7 @@ import torch
 
 from . import manifest as mf
 from .config import TaskType, parse_task
-from .errors import ParityError
+from .errors import ConfigError, ParityError
 from .reference import PTuningModel
 
 ATOL = {"fp32": 1e-4, "fp16": 3e-2}
@@ -204,7 +204,8 @@ def _check_names(graphs: _Graphs, manifest: dict) -> list:
     problems = []
     for name, session in graphs.sessions.items():
         declared = manifest["graphs"][name]
-        for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        inputs = session.get_inputs() + session.get_overridable_initializers()
+        for kind, actual in (("inputs", inputs), ("outputs", session.get_outputs())):
             want = [x["name"] for x in declared[kind]]
             got = [x.name for x in actual]
             if want != got:
@@ -277,9 +278,9 @@ def verify(folder: os.PathLike, *, base_model: Optional[os.PathLike] = None, ada
     base_model = Path(base_model or manifest["base_model"]["name_or_path"])
     adapter = adapter or manifest.get("adapter", {}).get("path")
     if adapter is None or not Path(adapter).is_dir() or not base_model.is_dir():
-        raise ParityError(f"base model or adapter of {folder} not found; pass --base-model and --adapter")
+        raise ConfigError(f"base model or adapter of {folder} not found; pass --base-model and --adapter")
     if mf.sha256_file(base_model / "config.json") != manifest["base_model"]["config_sha256"]:
-        raise ParityError(f"{base_model}/config.json differs from the one {folder} was exported from")
+        raise ConfigError(f"{base_model}/config.json differs from the one {folder} was exported from")
     ref = load_reference(base_model, adapter, parse_task(manifest["task"]))
     tolerance = atol if atol is not None else default_atol(manifest["dtype"], manifest.get("quantize"))
     try:

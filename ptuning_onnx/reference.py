@@ -53,13 +53,26 @@ def load_base(path: Union[str, os.PathLike], task: TaskType, *, labels: Optional
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
                       label2id={str(name): i for i, name in enumerate(labels)})
     auto = getattr(transformers, _AUTO_CLASSES[task])
+    verbosity = transformers.logging.get_verbosity()
+    # A fresh classification head is expected (the adapter brings its weights); transformers' warning about it
+    # would only confuse.
+    transformers.logging.set_verbosity_error()
     try:
         model = auto.from_pretrained(str(folder), use_safetensors=True, dtype=dtype, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
-            raise ConfigError(f"architecture of {folder} does not support task {task.value}") from None
+            raise ConfigError(f"architecture '{_model_type(folder)}' does not support task {task.value}") from None
         raise
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return model.eval()
+
+
+def _model_type(folder: Path) -> str:
+    import json
+
+    with open(folder / "config.json", encoding="utf-8") as fh:
+        return json.load(fh).get("model_type", "?")
 
 
 class PTuningModel(nn.Module):

@@ -234,7 +234,9 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the optional-input initializer warning is expected
         session = ort.InferenceSession(str(folder / f"{spec.name}.onnx"), options, providers=["CPUExecutionProvider"])
-        graphs[spec.name] = {"file": f"{spec.name}.onnx", "inputs": _io(session.get_inputs()),
+        # Optional inputs (an initializer of the same name) are listed by onnxruntime apart from the inputs.
+        inputs = session.get_inputs() + session.get_overridable_initializers()
+        graphs[spec.name] = {"file": f"{spec.name}.onnx", "inputs": _io(inputs),
                              "outputs": _io(session.get_outputs()), "defaults": spec.defaults}
     limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions") if getattr(cfg, k, None)), None)
     adapter_cfg = load_adapter(adapter).config if not isinstance(adapter, Adapter) else adapter.config

@@ -1,0 +1,56 @@
+"""``ptuning-export``: base model + P-tuning adapter -> verified ONNX folder. A thin layer over ``export()``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from ..config import CLI_TASKS
+from ..errors import ParityError
+from ._common import run_cli
+
+EXIT_PARITY = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptuning-export", description=__doc__.split(":")[1].strip())
+    p.add_argument("--base-model", required=True, help="folder of the base model (config.json + safetensors)")
+    p.add_argument("--adapter", required=True, help="P-tuning adapter folder (ours or PEFT's)")
+    p.add_argument("--output", required=True, help="folder to write; refused if non-empty without --overwrite")
+    p.add_argument("--task", choices=sorted(CLI_TASKS), help="default: the adapter's task_type")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where parity runs")
+    p.add_argument("--optimize", action="store_true", help="fuse attention/layer-norm with onnxruntime's optimizer")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 weight quantization")
+    p.add_argument("--atol", type=float, help="parity tolerance (default 1e-4 fp32, 3e-2 fp16, 0.25 int8)")
+    p.add_argument("--skip-verify", action="store_true", help="do not run the parity check (not recommended)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+@run_cli
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..export import export
+
+    try:
+        result = export(args.base_model, args.adapter, args.output, task=args.task, opset=args.opset,
+                        dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
+                        atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    except ParityError as exc:
+        print(f"error: parity check failed: {exc}", file=sys.stderr)
+        return EXIT_PARITY
+    summary = {"output": str(result.path), "task": result.manifest["task"]}
+    if result.report is not None:
+        summary["parity"] = {"passed": result.report["passed"], "max_abs_diff": result.report["max_abs_diff"]}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

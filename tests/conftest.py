@@ -1,0 +1,79 @@
+"""Shared fixtures: PEFT-made adapters on the tiny models in models/, and their exports, built under tmp dirs.
+
+Adapters are made by PEFT itself (the oracle), with the encoder weights perturbed so that the prompt is far from
+PEFT's initialisation and a wrong placement would show.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# task name -> (model folder, PEFT task type, transformers auto class)
+TASKS = {
+    "causal-lm": ("gpt2", "CAUSAL_LM", "AutoModelForCausalLM"),
+    "causal-lm-llama": ("llama", "CAUSAL_LM", "AutoModelForCausalLM"),
+    "seq-cls": ("bert", "SEQ_CLS", "AutoModelForSequenceClassification"),
+    "token-cls": ("bert", "TOKEN_CLS", "AutoModelForTokenClassification"),
+    "feature-extraction": ("bert", "FEATURE_EXTRACTION", "AutoModel"),
+    "seq2seq-lm": ("t5", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM"),
+}
+
+
+def make_peft_adapter(out_dir: Path, model_dir: Path, peft_task: str, auto_class: str, *, encoder="MLP",
+                      num_virtual_tokens=5, seed=0, num_labels=None):
+    """Write a P-tuning adapter with PEFT itself; returns (peft_model, out_dir)."""
+    import torch
+    import transformers
+    from peft import PromptEncoderConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    base = getattr(transformers, auto_class).from_pretrained(model_dir, **kwargs)
+    cfg = PromptEncoderConfig(task_type=peft_task, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32,
+                              encoder_reparameterization_type=encoder)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:  # a trained-looking head, so a head that fails to round-trip shows
+                p.add_(torch.randn_like(p))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(out_dir)
+    return model, out_dir
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(tmp_path_factory):
+    """{task: adapter_dir}, one PEFT-written adapter per task (LSTM for seq-cls and token-cls, MLP elsewhere)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for task, (model, peft_task, auto) in TASKS.items():
+        encoder = "LSTM" if task in ("seq-cls", "token-cls", "causal-lm-llama") else "MLP"
+        make_peft_adapter(root / task, MODELS / model, peft_task, auto, encoder=encoder,
+                          num_labels=3 if task in ("seq-cls", "token-cls") else None)
+        out[task] = root / task
+    return out
+
+
+@pytest.fixture(scope="session")
+def exports(peft_adapters, tmp_path_factory):
+    """{task: exported_dir}, each made by ``export()`` with parity verified."""
+    from ptuning_onnx.export import export
+
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for task, (model, _, _) in TASKS.items():
+        out[task] = export(MODELS / model, peft_adapters[task], root / task, progress=False).path
+    return out
