@@ -1,0 +1,79 @@
+"""``ptuning-train``: P-tune a frozen base model on a JSONL file (a thin layer over :func:`ptuning_onnx.train.train`).
+
+Torch is imported only after the arguments parse, so ``--help`` and usage errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from ..config import CLI_TASKS
+from ._common import run_cli
+
+TRAIN_TASKS = [name for name in CLI_TASKS if name != "feature-extraction"]  # no training objective for it
+# Defaults mirror TrainArgs (a test checks they agree); duplicated so --help does not import torch.
+DEFAULTS = dict(num_virtual_tokens=20, encoder_type="mlp", encoder_hidden_size=None, encoder_num_layers=2,
+                encoder_dropout=0.0, epochs=3, max_steps=None, batch_size=8, learning_rate=1e-3, grad_accum=1,
+                seed=42, device="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ptuning-train",
+        description="P-tune a frozen base model: trains a prompt encoder (and a new head for classification) and "
+                    "writes a PEFT-format adapter, a resumable checkpoint and a training log to --output.")
+    p.set_defaults(**DEFAULTS)
+    req = p.add_argument_group("required")
+    req.add_argument("--base-model", required=True, metavar="DIR", help="base model folder (config.json, safetensors)")
+    req.add_argument("--task", required=True, choices=TRAIN_TASKS)
+    req.add_argument("--train-file", required=True, metavar="F.jsonl", help="training rows, one JSON object a line")
+    req.add_argument("--output", required=True, metavar="DIR", help="adapter, checkpoint and log go here")
+    p.add_argument("--eval-file", metavar="F.jsonl", help="held-out rows, evaluated before training and per epoch")
+    enc = p.add_argument_group("prompt encoder")
+    enc.add_argument("--num-virtual-tokens", type=int, metavar="N", help="virtual tokens (default: %(default)s)")
+    enc.add_argument("--encoder-type", choices=["mlp", "lstm"], help="(default: %(default)s)")
+    enc.add_argument("--encoder-hidden-size", type=int, metavar="N", help="(default: the model's hidden size)")
+    enc.add_argument("--encoder-num-layers", type=int, metavar="N", help="LSTM layers (default: %(default)s)")
+    enc.add_argument("--encoder-dropout", type=float, metavar="F", help="LSTM dropout (default: %(default)s)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, metavar="N", help="(default: %(default)s)")
+    opt.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    opt.add_argument("--batch-size", type=int, metavar="N", help="(default: %(default)s)")
+    opt.add_argument("--learning-rate", type=float, metavar="F", help="AdamW (default: %(default)s)")
+    opt.add_argument("--grad-accum", type=int, metavar="N", help="batches per optimizer step (default: %(default)s)")
+    opt.add_argument("--seed", type=int, metavar="N", help="(default: %(default)s)")
+    opt.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    opt.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    opt.add_argument("--mixed-precision", action="store_true", help="bf16 autocast on CPU, fp16 + loss scaling on CUDA")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    return p
+
+
+@run_cli
+def main(argv: Optional[list] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    import transformers
+
+    from ..train import TrainArgs, train  # torch: only once the arguments are known to be usable
+
+    # "Some weights ... newly initialized" is the point of training a head; keep the terminal to our own lines.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        result = train(TrainArgs(**vars(ns)))
+    finally:
+        transformers.logging.set_verbosity(verbosity)  # main() is also called in-process (tests, other tools)
+    if not ns.quiet:
+        last = result.evals[-1] if result.evals else None
+        metric = ""
+        if last is not None:
+            name = "accuracy" if "accuracy" in last else "perplexity"
+            metric = f", held-out {name} {last[name]:.4f}"
+        print(f"wrote {result.output} (step {result.step}, epoch {result.epoch}{metric})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

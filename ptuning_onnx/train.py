@@ -1,0 +1,435 @@
+"""P-tuning training: a frozen base, a trained prompt encoder (plus a new head for classification), exact resume.
+
+Data order is a pure function of ``(seed, epoch)``: each epoch shuffles with a ``torch.Generator`` seeded with
+``seed + epoch``. A checkpoint therefore needs only the epoch and the number of optimizer steps taken in it, plus
+the weights, the optimizer and the RNG states (dropout), to continue exactly where an uninterrupted run would be.
+
+Output folder (``--output``)::
+
+    adapter_config.json, adapter_model.safetensors, labels.json    PEFT-format adapter (see adapter.py)
+    training_state/      encoder + head weights, AdamW state, RNG states, loss history: all that resume reads
+    training_log.json    per-step loss, per-epoch eval metric, arguments, seed, versions
+    loss.png             loss curve, when matplotlib is installed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .adapter import CONFIG_NAME, Adapter, load_training_state, save_adapter, save_training_state
+from .config import PromptEncoderConfig, TaskType, parse_task
+from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
+from .errors import ConfigError
+from .reference import PTuningModel, apply_head_weights, freeze_base, head_modules, head_state, load_base, new_encoder
+
+LOG_NAME = "training_log.json"
+PLOT_NAME = "loss.png"
+STATE_FORMAT = 1
+# Arguments that define the optimisation trajectory; a resume that changes one would not match any single run.
+# epochs, max_steps, eval_file, device and quiet may change between runs.
+RUN_DEFINING = ("task", "num_virtual_tokens", "encoder_type", "encoder_hidden_size", "encoder_num_layers",
+                "encoder_dropout", "batch_size", "learning_rate", "grad_accum", "seed", "mixed_precision")
+
+
+@dataclass
+class TrainArgs:
+    """The ``ptuning-train`` flags, one field per flag."""
+
+    base_model: str = field(metadata={"help": "Folder of the frozen base model (config.json + safetensors)"})
+    task: str = field(metadata={"help": "causal-lm, seq-cls, token-cls or seq2seq-lm"})
+    train_file: str = field(metadata={"help": "JSONL training rows"})
+    output: str = field(metadata={"help": "Folder for the adapter, the checkpoint and the log"})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "JSONL rows evaluated after every epoch"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Number of virtual tokens"})
+    encoder_type: str = field(default="mlp", metadata={"help": "Prompt encoder: mlp or lstm"})
+    encoder_hidden_size: Optional[int] = field(default=None, metadata={"help": "Encoder width (default: model's)"})
+    encoder_num_layers: int = field(default=2, metadata={"help": "LSTM layers (the MLP always has 2)"})
+    encoder_dropout: float = field(default=0.0, metadata={"help": "LSTM dropout"})
+    epochs: int = field(default=3, metadata={"help": "Passes over the training file"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "Rows per forward pass"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step"})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and dropout"})
+    resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --output"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    mixed_precision: bool = field(default=False, metadata={"help": "bf16 autocast on CPU; fp16 + GradScaler on CUDA"})
+    quiet: bool = field(default=False, metadata={"help": "No progress bar or per-epoch lines"})
+
+    def __post_init__(self) -> None:
+        parse_task(self.task)  # raises with the allowed names
+        if self.encoder_type.lower() not in ("mlp", "lstm"):
+            raise ConfigError(f"encoder_type must be mlp or lstm, got {self.encoder_type!r}")
+        for name in ("num_virtual_tokens", "epochs", "batch_size", "grad_accum", "max_steps", "encoder_hidden_size",
+                     "encoder_num_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    adapter: Adapter
+    step: int  # optimizer steps taken in total
+    epoch: int  # epochs completed
+    steps: list  # [{"step", "epoch", "loss"}], one per optimizer step
+    evals: list  # [{"epoch", "loss", "accuracy" | "perplexity"}]; epoch 0 = before training
+    labels: Optional[list] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        built = "a CUDA build" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"--device cuda requested but no CUDA device is available (torch {torch.__version__} is "
+                          f"{built}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def padding_side(model: PTuningModel) -> str:
+    """Left for causal LMs and for classifiers that pool the last position (``score`` heads), else right."""
+    if model.task == TaskType.CAUSAL_LM or (model.task == TaskType.SEQ_CLS and "score" in head_modules(model.base)):
+        return "left"  # safe because the reference is batch-invariant: positions ignore left padding
+    return "right"
+
+
+def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> list:
+    """Batches of example indices for ``epoch``: a pure function of its arguments, which makes resume exact."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(num_examples, generator=generator).tolist()
+    return [perm[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model: PTuningModel, data: TaskData, *, batch_size: int = 8, pad_id: int = 0,
+             device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """Held-out metrics in file order: ``{"loss", "accuracy"}`` for classification (token-level for token-cls,
+    ignoring -100), ``{"loss", "perplexity"}`` (per target token) for causal-lm and seq2seq-lm."""
+    device = device or next(model.parameters()).device
+    # Restore each module's own mode afterwards: training keeps the frozen base in eval mode under a module that
+    # is in train mode, and a blanket model.train() would switch the base's dropout on.
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    side = padding_side(model)
+    nll = count = correct = 0.0
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = collate(data.examples[start:start + batch_size], model.task, pad_id=pad_id, padding_side=side)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(device, autocast_dtype):
+                out = model(**batch)
+            labels = batch["labels"]
+            if model.task == TaskType.SEQ_CLS:
+                n_items = labels.numel()
+                correct += (out.logits.argmax(-1) == labels).sum().item()
+            else:
+                mask = labels != -100
+                n_items = mask.sum().item()
+                if model.task == TaskType.TOKEN_CLS:
+                    correct += ((out.logits.argmax(-1) == labels) & mask).sum().item()
+            # The model's loss is a mean over the batch's items; re-weight so the metric is a mean over the file.
+            nll += out.loss.float().item() * n_items
+            count += n_items
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    loss = nll / max(count, 1)
+    if model.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        return {"loss": loss, "accuracy": correct / max(count, 1)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def train(args: TrainArgs) -> TrainResult:
+    """Train (or resume) as ``args`` says and write the adapter, checkpoint and log to ``args.output``."""
+    task = parse_task(args.task)
+    output = Path(args.output)
+    device = resolve_device(args.device)
+    state = _check_output(output, args)
+
+    # Everything about the data is checked before the model is even loaded.
+    if not (Path(args.base_model) / "config.json").is_file():
+        raise ConfigError(f"--base-model {args.base_model} is not a model folder (no config.json)")
+    info = inspect_base(args.base_model)
+    labels = collect_labels(args.train_file, task) if task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None
+    train_data = load_task_data(args.train_file, task, info, num_virtual_tokens=args.num_virtual_tokens,
+                                labels=labels)
+    eval_data = None
+    if args.eval_file:
+        eval_data = load_task_data(args.eval_file, task, info, num_virtual_tokens=args.num_virtual_tokens,
+                                   labels=labels)
+    train_hash = _sha256(args.train_file)
+    if state is not None:
+        _check_resumable(state["meta"], args, train_hash, output)
+
+    with _deterministic(device):
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)  # the new head's and the encoder's initialisation
+        base = load_base(args.base_model, task, labels=labels)
+        if task == TaskType.SEQ_CLS and base.config.pad_token_id is None:
+            base.config.pad_token_id = info.pad_id  # decoder classifiers refuse batches > 1 without one
+        config = PromptEncoderConfig(
+            num_virtual_tokens=args.num_virtual_tokens, encoder_reparameterization_type=args.encoder_type,
+            encoder_hidden_size=args.encoder_hidden_size, encoder_num_layers=args.encoder_num_layers,
+            encoder_dropout=args.encoder_dropout, task_type=task, base_model_name_or_path=str(args.base_model),
+            modules_to_save=head_modules(base) or None)
+        model = PTuningModel(base, new_encoder(config, base), task)
+        params = freeze_base(model)
+        model.to(device)
+        base.eval()  # frozen: its dropout would only add noise; the encoder's own dropout stays on
+        model.encoder.train()
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+        use_amp = args.mixed_precision
+        amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if use_amp else None
+        scaler = torch.amp.GradScaler("cuda") if use_amp and device.type == "cuda" else None
+        run = _Run(args=args, task=task, output=output, info=info, config=config, model=model, optimizer=optimizer,
+                   scaler=scaler, device=device, amp_dtype=amp_dtype, labels=labels, train_hash=train_hash,
+                   train_data=train_data, eval_data=eval_data)
+        if state is not None:
+            run.restore(state)
+        elif eval_data is not None:
+            run.evaluate_epoch(0, None)  # the untrained prompt, as the baseline
+        run.loop()
+    return TrainResult(output=output, adapter=run.adapter(), step=run.step, epoch=run.epoch, steps=run.steps,
+                       evals=run.evals, labels=labels)
+
+
+@dataclass
+class _Run:
+    """Mutable state of one training run; everything a checkpoint saves lives here."""
+
+    args: TrainArgs
+    task: TaskType
+    output: Path
+    info: BaseInfo
+    config: PromptEncoderConfig
+    model: PTuningModel
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    labels: Optional[list]
+    train_hash: str
+    train_data: TaskData
+    eval_data: Optional[TaskData]
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    steps_in_epoch: int = 0  # optimizer steps already taken in epoch ``epoch`` (mid-epoch checkpoint)
+    steps: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+    def say(self, message: str) -> None:
+        if not self.args.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def loop(self) -> None:
+        from tqdm import tqdm
+
+        args = self.args
+        groups_per_epoch = math.ceil(math.ceil(len(self.train_data) / args.batch_size) / args.grad_accum)
+        total = args.epochs * groups_per_epoch
+        if args.max_steps is not None:
+            total = min(total, args.max_steps)
+        bar = tqdm(total=total, initial=min(self.step, total), unit="step", dynamic_ncols=True,
+                   disable=args.quiet or not sys.stderr.isatty())
+        try:
+            while self.epoch < args.epochs and self.step < total:
+                batches = epoch_order(len(self.train_data), args.batch_size, args.seed, self.epoch)
+                groups = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+                for group in groups[self.steps_in_epoch:]:  # skip what a mid-epoch checkpoint already did
+                    loss = self.optimizer_step(group)
+                    self.step += 1
+                    self.steps_in_epoch += 1
+                    self.steps.append({"step": self.step, "epoch": self.epoch + 1, "loss": loss})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
+                    if self.step >= total:
+                        break
+                if self.steps_in_epoch == len(groups):
+                    self.epoch += 1
+                    self.steps_in_epoch = 0
+                    epoch_losses = [s["loss"] for s in self.steps if s["epoch"] == self.epoch]
+                    self.evaluate_epoch(self.epoch, sum(epoch_losses) / max(len(epoch_losses), 1))
+                self.checkpoint()
+        finally:
+            bar.close()
+
+    def optimizer_step(self, group: list) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns their mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        side = padding_side(self.model)
+        total = 0.0
+        for indices in group:
+            examples = [self.train_data.examples[i] for i in indices]
+            batch = collate(examples, self.task, pad_id=self.info.pad_id, padding_side=side)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with _autocast(self.device, self.amp_dtype):
+                loss = self.model(**batch).loss.float()
+            scaled = loss / len(group)  # a partial last group still averages over what it has
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return total / len(group)
+
+    def evaluate_epoch(self, epoch: int, train_loss: Optional[float]) -> None:
+        line = "before training" if epoch == 0 else f"epoch {epoch}/{self.args.epochs}: train loss {train_loss:.4f}"
+        if self.eval_data is not None:
+            metrics = evaluate(self.model, self.eval_data, batch_size=self.args.batch_size, pad_id=self.info.pad_id,
+                               device=self.device, autocast_dtype=self.amp_dtype)
+            self.evals.append(dict(epoch=epoch, **metrics))
+            name = "accuracy" if "accuracy" in metrics else "perplexity"
+            line += f", eval loss {metrics['loss']:.4f}, eval {name} {metrics[name]:.4f}"
+        self.say(line)
+
+    def adapter(self) -> Adapter:
+        return Adapter(config=self.config, prompt_embeddings=self.model.encoder.bake().cpu(),
+                       head_weights=head_state(self.model.base), labels=self.labels)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Training state first, then the adapter, then the log: each write is atomic, and resume reads only the
+        training state, so a crash between two writes loses at most the newest adapter/log, never consistency."""
+        weights = dict(self.model.encoder.state_dict())
+        weights.update({"head." + k: v for k, v in head_state(self.model.base).items()})
+        py_version, py_state, py_gauss = random.getstate()
+        rng = {"torch_cpu": torch.get_rng_state(), "python_random": torch.tensor(py_state, dtype=torch.int64)}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"format": STATE_FORMAT, "step": self.step, "epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch,
+                "steps": self.steps, "evals": self.evals, "args": asdict(self.args), "train_sha256": self.train_hash,
+                "python_random": {"version": py_version, "gauss_next": py_gauss}}
+        save_training_state(self.output, encoder_state=weights, optimizer_state=self.optimizer.state_dict(),
+                            scaler_state=self.scaler.state_dict() if self.scaler is not None else None,
+                            meta=meta, rng=rng)
+        save_adapter(self.output, self.adapter())
+        self.write_log()
+
+    def restore(self, state: dict) -> None:
+        meta, weights = state["meta"], state["encoder"]
+        head = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
+        self.model.encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")})
+        apply_head_weights(self.model.base, head)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["torch_cuda"], self.device)
+        py = meta["python_random"]
+        random.setstate((py["version"], tuple(state["rng"]["python_random"].tolist()), py["gauss_next"]))
+        self.step, self.epoch, self.steps_in_epoch = meta["step"], meta["epoch"], meta["steps_in_epoch"]
+        self.steps, self.evals = meta["steps"], meta["evals"]
+        self.say(f"resuming from {self.output}: step {self.step}, epoch {self.epoch}")
+
+    def write_log(self) -> None:
+        import transformers
+
+        log = {"args": asdict(self.args), "seed": self.args.seed, "task": self.task.value, "labels": self.labels,
+               "step": self.step, "epochs_completed": self.epoch, "steps": self.steps, "evals": self.evals,
+               "train_sha256": self.train_hash,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+        tmp = self.output / f".{LOG_NAME}.tmp"
+        tmp.write_text(json.dumps(log, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.output / LOG_NAME)
+        _plot(self.steps, self.evals, self.output / PLOT_NAME)
+
+
+def _check_output(output: Path, args: TrainArgs) -> Optional[dict]:
+    """The checkpoint to resume from, or None for a fresh run; refuses to silently overwrite a checkpoint."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} exists and is not a folder")
+    state = load_training_state(output) if output.is_dir() else None
+    if args.resume and state is None:
+        raise ConfigError(f"--resume given but {output} holds no checkpoint (training_state/state.json)")
+    if not args.resume and state is not None:
+        raise ConfigError(f"{output} already holds a training checkpoint; pass --resume to continue it, or choose "
+                          f"another --output")
+    if state is None and (output / CONFIG_NAME).is_file():
+        raise ConfigError(f"{output} already holds an adapter ({CONFIG_NAME}) that training would overwrite; "
+                          f"choose another --output")
+    return state
+
+
+def _check_resumable(meta: dict, args: TrainArgs, train_hash: str, output: Path) -> None:
+    if meta.get("format") != STATE_FORMAT:
+        raise ConfigError(f"checkpoint in {output} has format {meta.get('format')!r}; expected {STATE_FORMAT}")
+    saved = meta.get("args", {})
+    for name in RUN_DEFINING:
+        if name in saved and saved[name] != getattr(args, name):
+            raise ConfigError(f"cannot resume: --{name.replace('_', '-')} was {saved[name]!r} in the checkpoint, "
+                              f"now {getattr(args, name)!r}")
+    if meta.get("train_sha256") != train_hash:
+        raise ConfigError(f"cannot resume: {args.train_file} differs from the training file of the checkpoint")
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    """Deterministic kernels for the run only; warn_only because a few CUDA kernels have no deterministic twin."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility needs it
+    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _plot(steps: list, evals: list, path: Path) -> None:
+    try:
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    except ImportError:
+        return
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss (per step)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    from .cli.train import main
+
+    sys.exit(main())
