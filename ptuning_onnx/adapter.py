@@ -71,6 +71,7 @@ def read_json(path: Path, what: str) -> dict:
 def load_adapter(path: str | os.PathLike) -> Adapter:
     """Read a P-tuning adapter written by PEFT or by us."""
     folder = Path(path)
+    recover_interrupted(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}")
     weights = folder / WEIGHTS_NAME
@@ -162,6 +163,17 @@ def atomic_update(folder: Path, write, keep=()) -> None:
         raise
 
 
+def recover_interrupted(folder: Path) -> None:
+    """Finish an ``atomic_update`` that was killed between its two renames: the folder is missing and its
+    previous content waits in ``.<name>.old-<pid>``; put that back."""
+    folder = Path(folder)
+    if folder.exists():
+        return
+    leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if leftovers:
+        os.replace(leftovers[-1], folder)
+
+
 def _is_ours(name: str) -> bool:
     return name in (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, STATE_DIR)
 
@@ -187,6 +199,8 @@ def save_training_state(folder: Path, *, encoder_state: dict, optimizer_state: d
 
 def load_training_state(folder: Path) -> Optional[dict]:
     state_dir = Path(folder) / STATE_DIR
+    recover_interrupted(Path(folder))
+    recover_interrupted(state_dir)
     if not (state_dir / "state.json").is_file():
         return None
     meta = read_json(state_dir / "state.json", "training state")

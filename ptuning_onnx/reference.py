@@ -36,8 +36,11 @@ HEAD_MODULES = ("classifier", "score")
 
 
 def load_base(path: Union[str, os.PathLike], task: TaskType, *, labels: Optional[list] = None,
-              dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a base model folder for ``task`` from safetensors only (``.bin`` pickles are refused)."""
+              dtype: torch.dtype = torch.float32, pad_token_id: Optional[int] = None) -> nn.Module:
+    """Load a base model folder for ``task`` from safetensors only (``.bin`` pickles are refused).
+
+    ``pad_token_id`` fills a config without one: decoder classifiers refuse batches > 1 otherwise.
+    """
     import transformers
 
     folder = Path(path)
@@ -65,6 +68,8 @@ def load_base(path: Union[str, os.PathLike], task: TaskType, *, labels: Optional
         raise
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None and task == TaskType.SEQ_CLS:
+        model.config.pad_token_id = pad_token_id if pad_token_id is not None else 0
     return model.eval()
 
 
@@ -117,6 +122,24 @@ class PTuningModel(nn.Module):
     @property
     def n(self) -> int:
         return self.num_virtual_tokens
+
+    @property
+    def padding_side(self) -> str:
+        """Left for causal LMs and for classifiers that pool the LAST position (decoder ``score`` heads): the
+        prompt is prepended, so the last position must be a real token. Right for the rest (T5's relative
+        positions cannot be told to skip left padding)."""
+        if self.task == TaskType.CAUSAL_LM or (self.task == TaskType.SEQ_CLS and "score" in head_modules(self.base)):
+            return "left"
+        return "right"
+
+    def train(self, mode: bool = True) -> "PTuningModel":
+        """Only the prompt encoder (and a task head) train; the frozen base keeps dropout off."""
+        super().train(mode)
+        self.base.eval()
+        if mode and self.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+            for name in head_modules(self.base):
+                self.base.get_submodule(name).train()
+        return self
 
     def prompt_embeds(self, batch: int) -> torch.Tensor:
         """(batch, n, token_dim) virtual-token embeddings, in the base model's dtype."""

@@ -106,10 +106,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def padding_side(model: PTuningModel) -> str:
-    """Left for causal LMs and for classifiers that pool the last position (``score`` heads), else right."""
-    if model.task == TaskType.CAUSAL_LM or (model.task == TaskType.SEQ_CLS and "score" in head_modules(model.base)):
-        return "left"  # safe because the reference is batch-invariant: positions ignore left padding
-    return "right"
+    return model.padding_side
 
 
 def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> list:
@@ -183,9 +180,7 @@ def train(args: TrainArgs) -> TrainResult:
     with _deterministic(device):
         random.seed(args.seed)
         torch.manual_seed(args.seed)  # the new head's and the encoder's initialisation
-        base = load_base(args.base_model, task, labels=labels)
-        if task == TaskType.SEQ_CLS and base.config.pad_token_id is None:
-            base.config.pad_token_id = info.pad_id  # decoder classifiers refuse batches > 1 without one
+        base = load_base(args.base_model, task, labels=labels, pad_token_id=info.pad_id)
         config = PromptEncoderConfig(
             num_virtual_tokens=args.num_virtual_tokens, encoder_reparameterization_type=args.encoder_type,
             encoder_hidden_size=args.encoder_hidden_size, encoder_num_layers=args.encoder_num_layers,

@@ -331,3 +331,14 @@ def test_adapter_loads_in_peft_with_same_logits(tmp_path, model_dir, task, model
         ours.table += 1e-2 * torch.randn_like(ours.table)
         perturbed = ours(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         assert (expected - perturbed).abs().max().item() > 1e-5
+
+
+def test_interrupted_atomic_update_is_recovered(tmp_path):
+    """A kill between atomic_update's two renames leaves only `.name.old-PID`; loading puts it back."""
+    from ptuning_onnx.adapter import Adapter, load_adapter, save_adapter
+    from ptuning_onnx.config import PromptEncoderConfig
+
+    cfg = PromptEncoderConfig(num_virtual_tokens=2, token_dim=4, task_type="CAUSAL_LM")
+    save_adapter(tmp_path / "ad", Adapter(cfg, torch.ones(2, 4)))
+    (tmp_path / "ad").rename(tmp_path / ".ad.old-123")  # the state right after the first rename
+    assert torch.equal(load_adapter(tmp_path / "ad").prompt_embeddings, torch.ones(2, 4))

@@ -265,7 +265,7 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
             "eos_token_id": cfg.eos_token_id,
             "bos_token_id": getattr(cfg, "bos_token_id", None),
             "decoder_start_token_id": getattr(cfg, "decoder_start_token_id", None),
-            "padding_side": "left" if ref.task == TaskType.CAUSAL_LM else "right",
+            "padding_side": ref.padding_side,
             "id2label": {str(k): v for k, v in cfg.id2label.items()}
             if ref.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
         },
