@@ -153,6 +153,16 @@ def test_more_architectures(tmp_path, arch):
     assert max(result.report["max_abs_diff"].values()) < 1e-4
 
 
+def test_dynamo_route_needs_no_optimum_patcher(peft_adapters, tmp_path):
+    """The fallback route for transformers versions optimum does not support: same interface, same parity."""
+    result = export(MODELS / "llama", peft_adapters["causal-lm-llama"], tmp_path / "out", progress=False,
+                    exporter="dynamo")
+    assert result.manifest["exporter"] == "dynamo" and result.report["passed"]
+    assert max(result.report["max_abs_diff"].values()) < 1e-4
+    with pytest.raises(ConfigError, match="unknown exporter 'jit'"):
+        export(MODELS / "llama", peft_adapters["causal-lm-llama"], tmp_path / "o2", progress=False, exporter="jit")
+
+
 @pytest.mark.parametrize("task,cls", [("causal-lm", "ORTModelForCausalLM"),
                                       ("seq-cls", "ORTModelForSequenceClassification"),
                                       ("token-cls", "ORTModelForTokenClassification")])

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="parity tolerance (default 1e-4 fp32, 3e-2 fp16, 0.25 int8)")
     p.add_argument("--skip-verify", action="store_true", help="do not run the parity check (not recommended)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="torch.onnx route: torchscript inside optimum's patcher (default when optimum-onnx is "
+                        "installed) or dynamo (no optimum; for transformers versions optimum does not support)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -41,7 +44,7 @@ def main(argv: Optional[list] = None) -> int:
         result = export(args.base_model, args.adapter, args.output, task=args.task, opset=args.opset,
                         dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
                         atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
-                        progress=not args.quiet)
+                        progress=not args.quiet, exporter=args.exporter)
     except ParityError as exc:
         print(f"error: parity check failed: {exc}", file=sys.stderr)
         return EXIT_PARITY

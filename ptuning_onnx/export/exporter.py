@@ -6,6 +6,7 @@ failed export never leaves anything that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,7 +94,7 @@ def _missing_task():
 def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *, task=None, opset: int = 18,
            dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
            atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
-           progress: bool = True) -> ExportResult:
+           progress: bool = True, exporter: str = "auto") -> ExportResult:
     """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity."""
     from ..parity import check_parity, default_atol
 
@@ -107,15 +108,15 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         raise ConfigError(f"unknown quantization {quantize!r}; expected int8")
     if not isinstance(opset, int) or not 14 <= opset <= 21:
         raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
-    report_tag = []
+    route = _resolve_route(exporter)
     log = Progress(progress)
     with log.step("loading base model and adapter"):
         ref = load_reference(base_model, adapter, task)
     task = ref.task
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {_optimum.ROUTE})"):
-            graphs = _export_graphs(ref, tmp, opset)
+        with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {route})"):
+            graphs = _export_graphs(ref, tmp, opset, route)
         if dtype == "fp16":
             with log.step("converting graphs to fp16"):
                 for spec in graphs:
@@ -126,9 +127,9 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
 
                 for spec in graphs:
                     optimize_graph(tmp / f"{spec.name}.onnx", ref, fuse=optimize, quantize=quantize)
-                report_tag.append(quantize or "optimized")
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter, opset, dtype, quantize, optimize)
+        manifest["exporter"] = route
         mf.write_manifest(tmp, manifest)
         report = None
         if not skip_verify:
@@ -159,7 +160,49 @@ def _check_output(output: Path, overwrite: bool) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _export_graphs(ref: PTuningModel, folder: Path, opset: int) -> list[GraphSpec]:
+ROUTES = ("auto", "torchscript", "dynamo")
+
+
+def _resolve_route(route: str) -> str:
+    if route not in ROUTES:
+        raise ConfigError(f"unknown exporter {route!r}; expected one of: {', '.join(ROUTES)}")
+    if route == "auto":
+        return _optimum.ROUTE
+    if route == "torchscript":
+        if _optimum.TasksManager is None:
+            raise ConfigError("the torchscript exporter needs optimum-onnx (pip install optimum-onnx); "
+                              "or use --exporter dynamo")
+        return _optimum.ROUTE
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:
+        raise ConfigError("the dynamo exporter needs onnxscript (pip install onnxscript)")
+    return "dynamo"
+
+
+def _dynamic_shapes(wrapper, spec: GraphSpec, example) -> tuple:
+    """torch.export ``Dim``s from the spec's named axes; one ``Dim`` per name, shared across inputs.
+
+    Past lengths may be 0; the attention mask's length gets its own ``Dim`` because past + sequence cannot be
+    expressed (FACTS.md)."""
+    import inspect
+
+    from torch.export import Dim
+
+    dims: dict = {}
+
+    def axes(name):
+        return {axis: dims.setdefault(label, Dim(label, min=0 if "past" in label else 1, max=1 << 16))
+                for axis, label in spec.dynamic_axes.get(name, {}).items()} or None
+
+    names = iter(spec.inputs)
+    shapes = []
+    for _, value in zip(inspect.signature(wrapper.forward).parameters, example):
+        shapes.append([axes(next(names)) for _ in value] if isinstance(value, (list, tuple)) else axes(next(names)))
+    return tuple(shapes)
+
+
+def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str) -> list[GraphSpec]:
     task = ref.task
     if task == TaskType.CAUSAL_LM:
         wrappers = [CausalLMGraph(ref)]
@@ -171,12 +214,19 @@ def _export_graphs(ref: PTuningModel, folder: Path, opset: int) -> list[GraphSpe
     for wrapper in wrappers:
         spec = wrapper.spec()
         path = folder / f"{spec.name}.onnx"
-        with torch.no_grad(), warnings.catch_warnings(), _optimum.patched(ref.base, task):
+        example = wrapper.example()
+        patch = contextlib.nullcontext() if route == "dynamo" else _optimum.patched(ref.base, task)
+        with torch.no_grad(), warnings.catch_warnings(), patch, contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")  # tracer warnings about python branches are expected and checked by parity
             try:
-                torch.onnx.export(wrapper.eval(), wrapper.example(), str(path), dynamo=False, opset_version=opset,
-                                  input_names=spec.inputs, output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
-                                  do_constant_folding=True)
+                if route == "dynamo":
+                    torch.onnx.export(wrapper.eval(), example, str(path), dynamo=True, opset_version=opset,
+                                      input_names=spec.inputs, output_names=spec.outputs,
+                                      dynamic_shapes=_dynamic_shapes(wrapper, spec, example), verbose=False)
+                else:
+                    torch.onnx.export(wrapper.eval(), example, str(path), dynamo=False, opset_version=opset,
+                                      input_names=spec.inputs, output_names=spec.outputs,
+                                      dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
             except Exception as exc:
                 raise ExportError(f"tracing {spec.name} of '{ref.base.config.model_type}' failed: "
                                   f"{type(exc).__name__}: {exc}") from exc

@@ -28,8 +28,23 @@ class GraphSpec:
     defaults: dict = field(default_factory=dict)  # input name -> default value, stored as an initializer
 
 
-def _legacy(cache):
-    return cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+def _layers(cache) -> list:
+    """[(key, value)] per layer from a legacy tuple (what optimum's patcher returns) or a ``Cache`` object."""
+    if isinstance(cache, (tuple, list)):
+        return [(layer[0], layer[1]) for layer in cache]
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v, *_ in cache.to_legacy_cache()]
+
+
+def _cache(pairs):
+    """A ``DynamicCache`` holding ``pairs``; built inside the graph so no Cache object is a graph input."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    for i, (key, value) in enumerate(pairs):
+        cache.update(key, value, i)
+    return cache
 
 
 def _kv_names(prefix: str, layers: int, kind: str = "") -> list:
@@ -56,7 +71,7 @@ class CausalLMGraph(nn.Module):
         with torch.no_grad():
             prompt = ref.prompt_embeds(1)
             out = ref.base(inputs_embeds=prompt, position_ids=torch.arange(self.n).unsqueeze(0), use_cache=True)
-        legacy = _legacy(out.past_key_values)
+        legacy = _layers(out.past_key_values)
         self.num_layers = len(legacy)
         for i, (key, value) in enumerate(legacy):
             self.register_buffer(f"prompt_key_{i}", key.detach().clone())  # (1, KV, n, Dh)
@@ -101,7 +116,7 @@ class CausalLMGraph(nn.Module):
         keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
         index = steps[steps >= seq - keep]
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids + self.n,
-                      past_key_values=tuple(cache), use_cache=True)
+                      past_key_values=_cache(cache), use_cache=True)
         if self._keep_native:
             out = self.model(**kwargs, logits_to_keep=index)
             logits = out["logits"]
@@ -109,7 +124,7 @@ class CausalLMGraph(nn.Module):
             out = self.model(**kwargs)
             logits = out["logits"].index_select(1, index)
         presents = []
-        for key, value in _legacy(out["past_key_values"]):
+        for key, value in _layers(out["past_key_values"]):
             presents += [key[:, :, self.n:], value[:, :, self.n:]]
         return (logits, *presents)
 
@@ -212,16 +227,14 @@ class Seq2SeqDecoderGraph(nn.Module):
 
         ones = torch.ones_like(encoder_attention_mask[:, :1]).expand(-1, self.ref.n)
         mask = torch.cat([ones, encoder_attention_mask], 1)
-        self_cache = DynamicCache()
-        for i in range(self.num_layers):
-            self_cache.update(past[2 * i], past[2 * i + 1], i)
+        self_cache = _cache((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
         cache = EncoderDecoderCache(self_cache, DynamicCache())
         out = self.ref.base(encoder_outputs=(encoder_hidden_states,), attention_mask=mask, decoder_input_ids=input_ids,
                             past_key_values=cache, use_cache=True, return_dict=True)
         cache = out["past_key_values"]
         # Outside optimum's patcher this is an EncoderDecoderCache; inside, a legacy tuple of per-layer tuples.
-        layers = _legacy(cache.self_attention_cache) if hasattr(cache, "self_attention_cache") else cache
+        layers = _layers(cache.self_attention_cache if hasattr(cache, "self_attention_cache") else cache)
         presents = []
-        for layer in layers:
-            presents += [layer[0], layer[1]]
+        for key, value in layers:
+            presents += [key, value]
         return (out["logits"], *presents)
