@@ -295,3 +295,24 @@ def test_cli_subprocess_smoke(module):
     proc = subprocess.run([sys.executable, "-m", f"ptuning_onnx.cli.{module}", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and f"ptuning-{module}" in proc.stdout
+
+
+@pytest.mark.parametrize("options,task", [(dict(dtype="fp16"), "seq-cls"), (dict(optimize=True), "causal-lm"),
+                                          (dict(quantize="int8"), "seq2seq-lm")])
+def test_dtype_and_optimization_passes_keep_parity(peft_adapters, tmp_path, options, task):
+    """fp16 conversion, graph optimization and int8 rewrite the graph; parity runs on the rewritten graph, at the
+    documented tolerance for each (1e-4 fp32, 3e-2 fp16, 0.25 int8), and its negative control still fails."""
+    from ptuning_onnx.parity import default_atol
+
+    model = TASKS[task][0]
+    result = export(MODELS / model, peft_adapters[task], tmp_path / "out", progress=False, **options)
+    report = result.report
+    assert report["atol"] == default_atol(options.get("dtype", "fp32"), options.get("quantize"))
+    assert report["passed"] and report["negative_control"]["failed_as_expected"]
+    assert result.manifest["dtype"] == options.get("dtype", "fp32")
+    assert result.manifest["quantize"] == options.get("quantize")
+    if "dtype" in options:
+        import onnx
+
+        graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
