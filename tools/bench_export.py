@@ -63,10 +63,10 @@ def main() -> None:
         ours_t, theirs_t, ratios = [], [], []
         for i in range(args.runs + 1):  # the first pair warms the file cache and is not counted
             a = timed([py, "-m", "ptuning_onnx.cli.export", "--base-model", str(base), "--adapter", str(adapter),
-                       "--output", str(work / f"ours-{label[:4]}-{i}"), "--quiet", *ours_extra])
+                       "--output", str(work / f"ours-{label.split()[0]}-{i}"), "--quiet", *ours_extra])
             b = timed([py, "-c", "import sys; from optimum.exporters.onnx import main_export; "
                        "main_export(sys.argv[1], sys.argv[2], task='text-generation-with-past', "
-                       f"do_validation={optimum_validate})", str(base), str(work / f"optimum-{label[:4]}-{i}")])
+                       f"do_validation={optimum_validate})", str(base), str(work / f"optimum-{label.split()[0]}-{i}")])
             if i:
                 ours_t.append(a), theirs_t.append(b), ratios.append(a / b)
         rows.append((label, statistics.median(ours_t), statistics.median(theirs_t), statistics.median(ratios),

@@ -1,0 +1,173 @@
+"""Decoding loops over the exported graphs, and the logits processors that pick each token.
+
+Both loops are generators of one token column per step, so ``generate`` collects them and ``stream`` yields them.
+The KV cache goes from one step's ``present.*`` straight into the next step's ``past_key_values.*`` without a copy
+(device OrtValues on CUDA, onnxruntime-owned numpy buffers on CPU: see session.py); the past is never recomputed. Everything here lives for one call.
+
+Processor order follows transformers: repetition penalty, then (sampling only) temperature, top-k, top-p.
+Shapes: B = batch, V = vocab, L = user tokens so far.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .session import GraphRunner
+from .validation import GenerationParams
+
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids (B, L) that make left padding invisible: ``cumsum(mask) - 1``, clipped at 0."""
+    return np.clip(np.cumsum(mask, -1) - 1, 0, None)
+
+
+def empty_past(session, batch: int) -> dict:
+    """``past_key_values.*`` of length 0, shaped and typed as the graph declares them."""
+    out = {}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values."):
+            heads, head_dim = spec.shape[1], spec.shape[3]
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                raise ValueError(f"graph input {spec.name} has symbolic heads/head_dim {spec.shape}")
+            out[spec.name] = np.zeros((batch, heads, 0, head_dim), _FLOAT_TYPES.get(spec.type, np.float32))
+    return out
+
+
+def _present(past_name: str) -> str:
+    return past_name.replace("past_key_values", "present", 1)
+
+
+class TokenChooser:
+    """Turns each step's last-position logits (B, V) into tokens (B,), and tracks which rows hit EOS.
+
+    Finished rows get ``pad_id`` from then on. The random generator is this call's own, so a seed makes the call
+    reproducible whatever other threads do.
+    """
+
+    def __init__(self, params: GenerationParams, seen_ids: np.ndarray, seen_mask: np.ndarray, vocab: int,
+                 pad_id: int):
+        self.p, self.pad_id = params, pad_id
+        self.rng = np.random.default_rng(params.seed) if params.do_sample else None
+        self.eos = np.array(params.eos_token_ids, np.int64)
+        batch = seen_ids.shape[0]
+        self.finished = np.zeros(batch, bool)
+        self.seen = None
+        if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+            # Only real tokens count as "already generated or given": padding must not change a row's result.
+            self.seen = np.zeros((batch, vocab), bool)
+            rows, cols = np.nonzero(seen_mask)
+            self.seen[rows, seen_ids[rows, cols]] = True
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        scores = np.array(logits, dtype=np.float32)  # a copy: fp16 graphs, and the processors write in place
+        if self.seen is not None and scores.shape[-1] == self.seen.shape[-1]:
+            penalty = np.float32(self.p.repetition_penalty)
+            hit = scores[self.seen]
+            scores[self.seen] = np.where(hit < 0, hit * penalty, hit / penalty)
+        tokens = self._sample(scores) if self.p.do_sample else scores.argmax(-1)
+        tokens = np.where(self.finished, self.pad_id, tokens).astype(np.int64)
+        if self.seen is not None:
+            live = np.flatnonzero(~self.finished)
+            self.seen[live, tokens[live]] = True
+        if self.eos.size:
+            self.finished |= np.isin(tokens, self.eos)
+        return tokens
+
+    def _sample(self, scores: np.ndarray) -> np.ndarray:
+        p = self.p
+        if p.temperature != 1.0:
+            scores /= np.float32(p.temperature)
+        if p.top_k is not None and p.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -p.top_k, axis=-1)[:, -p.top_k, None]
+            scores[scores < kth] = -np.inf  # ties with the k-th are kept, as in transformers
+        if p.top_p is not None and p.top_p < 1.0:
+            order = np.argsort(-scores, axis=-1, kind="stable")
+            probs = _softmax(np.take_along_axis(scores, order, -1))
+            before = np.cumsum(probs, -1) - probs  # mass of the tokens ranked above; the first is always kept
+            remove = np.zeros_like(scores, dtype=bool)
+            np.put_along_axis(remove, order, before >= p.top_p, -1)
+            scores[remove] = -np.inf
+        probs = _softmax(scores)
+        cumulative = np.cumsum(probs, -1)
+        # Inverse CDF with a threshold in (0, total]: a zero-probability token can never be picked.
+        threshold = (1.0 - self.rng.random(scores.shape[0]))[:, None] * cumulative[:, -1:]
+        return np.minimum((cumulative < threshold).sum(-1), scores.shape[-1] - 1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int, *,
+                    device: str = "cpu", device_id: int = 0, logits_to_keep: bool = True) -> Iterator[np.ndarray]:
+    """Yield (B,) tokens: prefill on the left-padded prompt (B, L), then one token per step through the KV cache.
+
+    The prefill asks for the last position's logits only (``logits_to_keep=1``) when the graph has that input.
+    """
+    runner = GraphRunner(session, device, device_id)
+    names = {spec.name for spec in session.get_inputs()}
+    extra = {"logits_to_keep": np.array(1, np.int64)} if logits_to_keep and "logits_to_keep" in names else {}
+    feed = {"input_ids": ids, "attention_mask": mask, **empty_past(session, ids.shape[0])}
+    if "position_ids" in names:
+        feed["position_ids"] = positions(mask)
+    past_names = [n for n in feed if n.startswith("past_key_values.")]
+    ones = np.ones((ids.shape[0], 1), np.int64)
+    for step in range(max_new_tokens):
+        host, kept = runner.run({**feed, **extra})
+        kept.update(host)
+        token = chooser(host["logits"][:, -1])  # (B,)
+        yield token
+        if step == max_new_tokens - 1 or chooser.done:
+            return
+        mask = np.concatenate([mask, ones], 1)  # (B, L + step + 1); tiny next to the cache, which is never copied
+        feed = {"input_ids": token[:, None], "attention_mask": mask}
+        if "position_ids" in names:
+            feed["position_ids"] = mask.sum(-1, keepdims=True) - 1
+        feed.update({name: kept[_present(name)] for name in past_names})
+
+
+def seq2seq_steps(encoder, decoder, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int,
+                  start_id: int, *, device: str = "cpu", device_id: int = 0) -> Iterator[np.ndarray]:
+    """Yield (B,) decoder tokens: encode (B, L) once, then decode from ``start_id`` through the decoder's cache."""
+    host, kept = GraphRunner(encoder, device, device_id).run({"input_ids": ids, "attention_mask": mask}, to_host=())
+    hidden = {**host, **kept}["last_hidden_state"]  # (B, n_virtual + L, H), stays where onnxruntime put it
+    runner = GraphRunner(decoder, device, device_id)
+    past = empty_past(decoder, ids.shape[0])
+    token = np.full((ids.shape[0],), start_id, np.int64)
+    for step in range(max_new_tokens):
+        host, kept = runner.run({"input_ids": token[:, None], "encoder_attention_mask": mask,
+                                 "encoder_hidden_states": hidden, **past})
+        kept.update(host)
+        token = chooser(host["logits"][:, -1])
+        yield token
+        if step == max_new_tokens - 1 or chooser.done:
+            return
+        past = {name: kept[_present(name)] for name in past}
+
+
+def collect(steps: Iterator[np.ndarray], batch: int, max_new_tokens: int, pad_id: int) -> np.ndarray:
+    """Run ``steps`` to the end; (B, max_new_tokens) int64, pad after EOS and after an early stop."""
+    out = np.full((batch, max_new_tokens), pad_id, np.int64)
+    for index, token in enumerate(steps):
+        out[:, index] = token
+    return out
+
+
+def chooser_for(params: GenerationParams, ids: np.ndarray, mask: np.ndarray, vocab: int, pad_id: int,
+                start_id: Optional[int] = None) -> TokenChooser:
+    """Causal LMs penalise repeats of the prompt's real tokens; seq2seq ones of the decoder's own (start token
+    included), as transformers does."""
+    if start_id is not None:
+        ids = np.full((ids.shape[0], 1), start_id, np.int64)
+        mask = np.ones_like(ids)
+    return TokenChooser(params, ids, mask, vocab, pad_id)

@@ -1,0 +1,326 @@
+"""``load(folder)`` and the task models it returns. Torch-free: numpy, onnxruntime and tokenizers only.
+
+A model object holds read-only things (sessions, tokenizer, manifest); every call builds its own feeds, bindings
+and random generator, so one object serves many threads. Lengths count the USER's tokens: the graphs add the
+virtual tokens inside (docs/FORMAT.md).
+
+Calls that take ``texts`` return one result for one string and a list for a list; calls on ``input_ids`` return
+arrays or lists with one row per input row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from .. import manifest as mf
+from ..errors import ManifestError
+from . import generation as gen
+from .session import build_sessions, log
+from .tokenizer import load_tokenizer, require
+from .validation import (GenerationParams, InputError, check_batch, check_length, check_texts, eos_ids)
+
+POOLINGS = ("mean", "cls")
+
+
+class RuntimeModel:
+    """What every task shares: the folder, its manifest, the sessions and the tokenizer.
+
+    Attributes: ``task``, ``providers`` ({graph: providers onnxruntime really uses}), ``device`` ("cpu"/"cuda"),
+    ``vocab_size``, ``max_user_tokens`` (None: no limit), ``pad_token_id``, ``num_virtual_tokens``.
+    """
+
+    task = ""
+
+    def __init__(self, folder: Path, manifest: dict, sessions: dict, device: str, device_id: int):
+        self.path, self.manifest = folder, manifest
+        self.sessions, self.device, self.device_id = sessions, device, device_id
+        self.providers = {name: list(s.get_providers()) for name, s in sessions.items()}
+        cfg = manifest["model"]
+        self.vocab_size = int(cfg["vocab_size"])
+        self.max_user_tokens = cfg.get("max_user_tokens")
+        self.num_virtual_tokens = int(manifest["num_virtual_tokens"])
+        eos = _generation_eos(folder, cfg.get("eos_token_id"))
+        first_eos = eos if isinstance(eos, int) or eos is None else (list(eos) or [None])[0]
+        pad = cfg.get("pad_token_id")
+        self.pad_token_id = int(next(v for v in (pad, first_eos, 0) if v is not None))
+        self.eos_token_id = eos
+        self.tokenizer = load_tokenizer(folder, manifest, self.pad_token_id)
+        self.padding_side = cfg.get("padding_side") or "right"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.task} from {self.path} on {self.device}>"
+
+    def _batch(self, texts, input_ids, attention_mask, new_tokens: int = 0, left: bool = False):
+        """-> (ids, mask) int64 (B, L) checked, the tokenizer's Batch or None, and whether one string was given."""
+        if (texts is None) == (input_ids is None):
+            raise InputError("pass either texts or input_ids (not both, not neither)")
+        if texts is not None and attention_mask is not None:
+            raise InputError("attention_mask goes with input_ids; texts are tokenized and masked here")
+        encoded, single = None, False
+        if texts is not None:
+            texts, single = check_texts(texts)
+            encoded = require(self.tokenizer, self.path).encode(texts)
+            input_ids, attention_mask = encoded.input_ids, encoded.attention_mask
+        ids, mask = check_batch(input_ids, attention_mask, vocab_size=self.vocab_size,
+                                padding_side="left" if left else None)
+        check_length(ids.shape[1], new_tokens, self.max_user_tokens)
+        return ids, mask, encoded, single
+
+    def _encoder_feed(self, ids: np.ndarray, mask: np.ndarray) -> dict:
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in {i.name for i in self.sessions["model"].get_inputs()}:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        return feed
+
+    def forward(self, input_ids, attention_mask=None) -> dict:
+        """Raw graph outputs for checked ids (B, L): ``{output name: array}``, user positions only.
+
+        causal-lm: ``logits`` (B, L, V) for every position (empty past); encoder tasks: their one graph.
+        """
+        if "model" not in self.sessions:
+            raise InputError(f"forward() runs single-graph tasks; {self.task} has {sorted(self.sessions)}")
+        ids, mask, _, _ = self._batch(None, input_ids, attention_mask)
+        session = self.sessions["model"]
+        feed = self._encoder_feed(ids, mask)
+        if self.task == "causal-lm":
+            feed = {**feed, "position_ids": gen.positions(mask), **gen.empty_past(session, ids.shape[0])}
+        names = [o.name for o in session.get_outputs() if not o.name.startswith("present.")]
+        return dict(zip(names, session.run(names, feed)))
+
+
+class _Generative(RuntimeModel):
+    """``generate`` and ``stream`` over ``_steps`` (causal-lm and seq2seq-lm)."""
+
+    left_padded = False
+
+    def _steps(self, ids, mask, chooser, params) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def _chooser(self, params, ids, mask):
+        return gen.chooser_for(params, ids, mask, self.vocab_size, self.pad_token_id)
+
+    def _prepare(self, prompts, input_ids, attention_mask, max_new_tokens, kw):
+        params = GenerationParams(max_new_tokens=max_new_tokens,
+                                  eos_token_ids=eos_ids(kw.pop("eos_token_id", None), self.eos_token_id,
+                                                        self.vocab_size), **kw)
+        ids, mask, encoded, single = self._batch(prompts, input_ids, attention_mask, params.max_new_tokens,
+                                                 left=self.left_padded)
+        return params, ids, mask, encoded is not None, single
+
+    def generate(self, prompts=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+                 eos_token_id: Union[int, list, None] = None, seed: Optional[int] = None):
+        """Texts for ``prompts`` (one string -> one string), or int64 (B, max_new_tokens) new ids for ``input_ids``.
+
+        Greedy unless ``do_sample``. ``eos_token_id``: None -> the model's; ``[]`` -> never stop early. Positions
+        after a row's EOS hold the pad id. Causal batches are left-padded; each row gives what it gives alone.
+        """
+        params, ids, mask, texts, single = self._prepare(
+            prompts, input_ids, attention_mask, max_new_tokens,
+            dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, seed=seed))
+        chooser = self._chooser(params, ids, mask)
+        tokens = gen.collect(self._steps(ids, mask, chooser, params), ids.shape[0], params.max_new_tokens,
+                             self.pad_token_id)
+        if not texts:
+            return tokens
+        decoded = self.tokenizer.decode_batch(tokens)
+        return decoded[0] if single else decoded
+
+    def stream(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 20, **kwargs):
+        """A generator for ONE prompt: text pieces for ``prompt``, token ids (int) for ``input_ids``.
+
+        Same keywords as ``generate``; it stops after EOS (an EOS id is yielded, EOS text is not). Inputs are checked
+        here, before the generator is returned.
+        """
+        kwargs.setdefault("eos_token_id", None)
+        params, ids, mask, texts, _ = self._prepare(prompt, input_ids, attention_mask, max_new_tokens, kwargs)
+        if ids.shape[0] != 1:
+            raise InputError(f"stream() takes one prompt, got a batch of {ids.shape[0]}; use generate()")
+        chooser = self._chooser(params, ids, mask)
+        steps = self._steps(ids, mask, chooser, params)
+        return self._text_pieces(steps, params) if texts else self._ids(steps)
+
+    @staticmethod
+    def _ids(steps) -> Iterator[int]:
+        for token in steps:
+            yield int(token[0])
+
+    def _text_pieces(self, steps, params) -> Iterator[str]:
+        tokens, sent = [], ""
+        for token in steps:
+            tokens.append(int(token[0]))
+            text = self.tokenizer.decode(tokens)
+            # A byte-level BPE token can end inside a UTF-8 character: hold it back until the character completes.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
+            sent = text
+            if tokens[-1] in params.eos_token_ids:
+                return
+        text = self.tokenizer.decode(tokens)
+        if text != sent and text.startswith(sent):
+            yield text[len(sent):]
+
+
+class CausalLM(_Generative):
+    task = "causal-lm"
+    left_padded = True
+
+    def _steps(self, ids, mask, chooser, params):
+        return gen.causal_lm_steps(self.sessions["model"], ids, mask, chooser, params.max_new_tokens,
+                                   device=self.device, device_id=self.device_id)
+
+
+class Seq2SeqLM(_Generative):
+    task = "seq2seq-lm"
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        start = self.manifest["model"].get("decoder_start_token_id")
+        return int(start if start is not None else self.pad_token_id)
+
+    def _chooser(self, params, ids, mask):
+        return gen.chooser_for(params, ids, mask, self.vocab_size, self.pad_token_id, self.decoder_start_token_id)
+
+    def _steps(self, ids, mask, chooser, params):
+        return gen.seq2seq_steps(self.sessions["encoder_model"], self.sessions["decoder_model"], ids, mask, chooser,
+                                 params.max_new_tokens, self.decoder_start_token_id, device=self.device,
+                                 device_id=self.device_id)
+
+
+class _Labelled(RuntimeModel):
+    def __init__(self, *args):
+        super().__init__(*args)
+        id2label = self.manifest["model"].get("id2label") or _config(self.path).get("id2label") or {}
+        self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        self.multi_label = _config(self.path).get("problem_type") == "multi_label_classification"
+
+    def _label(self, index: int) -> str:
+        return self.id2label.get(index, f"LABEL_{index}")
+
+    def _scores(self, logits: np.ndarray) -> np.ndarray:
+        logits = logits.astype(np.float64)
+        if self.multi_label:
+            return 1.0 / (1.0 + np.exp(-logits))
+        return gen._softmax(logits)
+
+
+class SequenceClassifier(_Labelled):
+    task = "seq-cls"
+
+    def classify(self, texts=None, *, input_ids=None, attention_mask=None):
+        """Per row ``{"label", "score", "logits"}``: the argmax label, its probability (softmax; sigmoid for
+        multi-label configs) and the raw logits (list of floats, one per label)."""
+        ids, mask, _, single = self._batch(texts, input_ids, attention_mask)
+        logits = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask))[0]  # (B, num_labels)
+        scores = self._scores(logits)
+        out = [{"label": self._label(int(row.argmax())), "score": float(s[row.argmax()]),
+                "logits": [float(v) for v in row]} for row, s in zip(logits, scores)]
+        return out[0] if single else out
+
+
+class TokenClassifier(_Labelled):
+    task = "token-cls"
+
+    def tag(self, texts):
+        """Per text, one ``{"word", "start", "end", "label", "score"}`` per word (character offsets into the text);
+        a word takes the label of its first sub-token."""
+        ids, mask, encoded, single = self._batch(texts, None, None)
+        logits = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask))[0]  # (B, L, num_labels)
+        scores = self._scores(logits)
+        texts = [texts] if single else list(texts)
+        out = []
+        for row, text in enumerate(texts):
+            words, spans = {}, encoded.offsets[row]
+            for pos, word in enumerate(encoded.word_ids[row]):
+                if word is None or not mask[row, pos]:
+                    continue  # special tokens and padding
+                start, end = spans[pos]
+                if word not in words:
+                    best = int(logits[row, pos].argmax())
+                    words[word] = {"word": "", "start": start, "end": end, "label": self._label(best),
+                                   "score": float(scores[row, pos, best])}
+                words[word]["end"] = end
+            for item in words.values():
+                item["word"] = text[item["start"]:item["end"]]
+            out.append(list(words.values()))
+        return out[0] if single else out
+
+
+class FeatureExtractor(RuntimeModel):
+    task = "feature-extraction"
+
+    def embed(self, texts=None, *, input_ids=None, attention_mask=None, pooling: str = "mean",
+              normalize: bool = False) -> np.ndarray:
+        """float32 (B, hidden) (or (hidden,) for one string): ``mean`` over the real user tokens, or ``cls``, the
+        first user token. Virtual tokens are never pooled (the graph does not output them)."""
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        ids, mask, _, single = self._batch(texts, input_ids, attention_mask)
+        hidden = self.sessions["model"].run(["last_hidden_state"], self._encoder_feed(ids, mask))[0]  # (B, L, H)
+        hidden = hidden.astype(np.float32)
+        if pooling == "cls":
+            first = (mask != 0).argmax(-1)  # the first real token, whichever side the padding is on
+            vectors = hidden[np.arange(len(ids)), first]
+        else:
+            weights = mask[..., None].astype(np.float32)
+            vectors = (hidden * weights).sum(1) / weights.sum(1)
+        if normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        return vectors[0] if single else vectors
+
+
+TASK_CLASSES = {cls.task: cls for cls in (CausalLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, FeatureExtractor)}
+
+
+def load(path: Union[str, os.PathLike], provider: str = "auto", threads: Optional[int] = None,
+         verify: bool = True) -> RuntimeModel:
+    """Load an exported folder for inference; returns the task's model class.
+
+    ``verify`` re-hashes every file against the manifest's sha256 before any graph is parsed. ``provider``:
+    ``"auto"`` (CUDA when it works, else CPU; logged), ``"cpu"``, ``"cuda"`` / ``"cuda:N"`` (raises when CUDA is
+    not really used). ``threads``: onnxruntime intra-op threads per session (None: onnxruntime's default).
+    """
+    folder = Path(path)
+    manifest = mf.read_manifest(folder, verify=verify)
+    task = manifest["task"]
+    graphs = mf.TASK_GRAPHS[task]
+    missing = [g for g in graphs if g not in manifest.get("graphs", {})]
+    if missing:
+        raise ManifestError(f"manifest of {folder} lacks graphs {missing} for task {task}")
+    paths = {g: mf.graph_path(folder, manifest, g) for g in graphs}
+    sessions, device, device_id = build_sessions(paths, provider, threads)
+    dtype = manifest.get("dtype", "fp32")
+    if device == "cuda" and dtype == "fp32":
+        log.info("ptuning_onnx.runtime: fp32 graphs on CUDA; an fp16 export (--dtype fp16) halves memory traffic")
+    elif device == "cpu" and dtype == "fp16":
+        log.warning("ptuning_onnx.runtime: fp16 graphs on CPU are slow; export fp32 for CPU serving")
+    return TASK_CLASSES[task](folder, manifest, sessions, device, device_id)
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return mf.read_model_config(folder)
+    except ManifestError:
+        return {}
+
+
+def _generation_eos(folder: Path, default):
+    """``generation_config.json``'s eos (what transformers' ``generate`` stops on), else the manifest's."""
+    path = folder / "generation_config.json"
+    if path.is_file():
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            value = None
+        if value is not None:
+            return value
+    return default

@@ -1,0 +1,74 @@
+"""The exported folder's ``tokenizer.json`` through the ``tokenizers`` library (no transformers).
+
+Special tokens are whatever ``tokenizer.json``'s post-processor adds (BERT's [CLS]/[SEP], Llama's <s>, T5's </s>).
+Padding side and pad id come from the manifest, so batches are padded the way the graphs were verified.
+Text is never truncated: a too-long text is an error, not a silently shortened input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .validation import EmptyInputError, InputError
+
+
+class NoTokenizerError(InputError):
+    """Text was given to an export that has no ``tokenizer.json``."""
+
+
+@dataclass
+class Batch:
+    """Tokenized texts. ``input_ids``/``attention_mask``: int64 (batch, sequence); ``offsets``: per row, per token,
+    (start, end) character spans; ``word_ids``: per row, per token, the word index or None (special/padding)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    offsets: list
+    word_ids: list
+
+
+class TextTokenizer:
+    def __init__(self, path: Path, *, padding_side: str, pad_id: int):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.no_truncation()
+        pad_token = self._tok.id_to_token(pad_id) or ""
+        # The tokenizer object is configured once here and only read afterwards, so calls may run concurrently.
+        self._tok.enable_padding(direction=padding_side, pad_id=pad_id, pad_token=pad_token)
+        self.padding_side, self.pad_id = padding_side, pad_id
+
+    def encode(self, texts: list) -> Batch:
+        encodings = self._tok.encode_batch(texts, add_special_tokens=True)
+        for row, enc in enumerate(encodings):
+            if not any(enc.attention_mask):
+                raise EmptyInputError(f"text {row} ({texts[row]!r}) gives no tokens")
+        return Batch(
+            input_ids=np.array([e.ids for e in encodings], dtype=np.int64),
+            attention_mask=np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            offsets=[e.offsets for e in encodings],
+            word_ids=[e.word_ids for e in encodings],
+        )
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, rows, skip_special_tokens: bool = True) -> list:
+        return self._tok.decode_batch([[int(i) for i in row] for row in rows], skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(folder: Path, manifest: dict, pad_id: int) -> Optional[TextTokenizer]:
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    return TextTokenizer(path, padding_side=manifest["model"].get("padding_side") or "right", pad_id=pad_id)
+
+
+def require(tokenizer: Optional[TextTokenizer], folder) -> TextTokenizer:
+    if tokenizer is None:
+        raise NoTokenizerError(f"{folder} has no tokenizer.json; pass input_ids instead of text")
+    return tokenizer
