@@ -63,7 +63,8 @@ def main(argv: Optional[list] = None) -> int:
 
     from ..train import TrainArgs, train
 
-    say(f"== 1/3 P-tuning {base.name} ({base}) for sentiment, {len(_read_jsonl(train_file))} training sentences")
+    name = "all-MiniLM-L6-v2" if args.base_model is None else base.name
+    say(f"== 1/3 P-tuning {name} ({base}) for sentiment, {len(_read_jsonl(train_file))} training sentences")
     start = time.perf_counter()
     result = train(TrainArgs(base_model=str(base), task="seq-cls", train_file=str(train_file),
                              eval_file=str(test_file), output=str(work / "adapter"),
