@@ -119,7 +119,7 @@ class PromptEncoderConfig:
     def fill_from_model_config(self, model_config: Any) -> "PromptEncoderConfig":
         """Fill ``token_dim`` and friends from a transformers config, and check they agree with it."""
         cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-        token_dim = _first(cfg, "hidden_size", "n_embd", "d_model")
+        token_dim = _first(cfg, "hidden_size", "n_embd", "d_model", "dim")
         if self.token_dim is None:
             self.token_dim = token_dim
         elif token_dim is not None and self.token_dim != token_dim:
@@ -127,9 +127,9 @@ class PromptEncoderConfig:
                 f"adapter token_dim is {self.token_dim} but the base model's hidden size is {token_dim}"
             )
         if self.num_layers is None:
-            self.num_layers = _first(cfg, "num_hidden_layers", "num_layers", "n_layer")
+            self.num_layers = _first(cfg, "num_hidden_layers", "num_layers", "n_layer", "n_layers")
         if self.num_attention_heads is None:
-            self.num_attention_heads = _first(cfg, "num_attention_heads", "n_head", "num_heads")
+            self.num_attention_heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
         if self.num_transformer_submodules is None:
             seq2seq = self.task_type == TaskType.SEQ_2_SEQ_LM or cfg.get("is_encoder_decoder", False)
             self.num_transformer_submodules = 2 if seq2seq else 1

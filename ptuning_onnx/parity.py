@@ -137,9 +137,10 @@ def _run_outputs(graphs: _Graphs, manifest: dict, ref_task: TaskType, seed: int)
             results.append(((ids, mask, dec_ids), {**enc, **dec}))
         else:
             feed = {"input_ids": ids, "attention_mask": mask}
+            types = None
             if "token_type_ids" in [i.name for i in graphs.sessions["model"].get_inputs()]:
-                feed["token_type_ids"] = np.zeros_like(ids)
-            results.append(((ids, mask), graphs.run("model", feed)))
+                feed["token_type_ids"] = types = np.zeros_like(ids)
+            results.append(((ids, mask, types), graphs.run("model", feed)))
     return results
 
 
@@ -188,10 +189,11 @@ def _compare(ref: PTuningModel, runs, greedy, diffs: _Diffs) -> None:
             diffs.values("last_hidden_state", hidden[:, n:], r.encoder_last_hidden_state.float().numpy(), case[1])
             diffs.values("logits", out["logits"], r.logits.float().numpy())
         elif ref.task == TaskType.SEQ_CLS:
-            diffs.values("logits", out["logits"], ref(ids, mask, torch.zeros_like(ids)).logits.float().numpy())
+            types = None if case[2] is None else _t(case[2])
+            diffs.values("logits", out["logits"], ref(ids, mask, types).logits.float().numpy())
         else:
             key = "logits" if ref.task == TaskType.TOKEN_CLS else "last_hidden_state"
-            want = ref(ids, mask, torch.zeros_like(ids))[key].float().numpy()
+            want = ref(ids, mask, None if case[2] is None else _t(case[2]))[key].float().numpy()
             diffs.values(key, out[key], want, case[1])
     if greedy is not None:
         (ids, mask), (tokens, logits) = greedy

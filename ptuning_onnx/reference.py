@@ -106,6 +106,7 @@ class PTuningModel(nn.Module):
         if width != token_dim:
             raise ConfigError(f"prompt token_dim is {width} but the base model's embedding width is {token_dim}")
         self._takes_positions = "position_ids" in inspect.signature(self._core_forward()).parameters
+        self.position_offset = self._find_position_offset() if self._takes_positions else 0
 
     @classmethod
     def from_adapter(cls, base: nn.Module, adapter: Adapter, task: Optional[TaskType] = None) -> "PTuningModel":
@@ -118,6 +119,35 @@ class PTuningModel(nn.Module):
         if self.task == TaskType.SEQ_2_SEQ_LM:
             return self.base.get_encoder().forward
         return self.base.forward
+
+    @torch.no_grad()
+    def _find_position_offset(self) -> int:
+        """What ``position_ids`` must start at to equal the model's own default positions (PEFT passes none).
+
+        0 for most models (OPT adds its offset of 2 itself); RoBERTa-style models index their position table from
+        ``pad_token_id + 1``. Probed on a 3-token input, so no per-architecture list is needed. A model whose
+        default matches no offset gets no explicit positions (then only unpadded rows are exact).
+        """
+        core = self._core_forward()
+        embeds = self.base.get_input_embeddings().weight[:3].detach().unsqueeze(0).to(self.base.dtype)
+        mask = torch.ones(1, 3, dtype=torch.long)
+        modes = [(m, m.training) for m in self.base.modules()]
+        self.base.eval()
+        try:
+            want = core(inputs_embeds=embeds, attention_mask=mask)[0]
+            pad = getattr(self.base.config, "pad_token_id", None)
+            for offset in dict.fromkeys([0] + ([pad + 1] if isinstance(pad, int) else [])):
+                positions = torch.arange(3).unsqueeze(0) + offset
+                got = core(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)[0]
+                if torch.allclose(got, want, atol=1e-6, rtol=0):
+                    return offset
+        except Exception:  # a model that cannot run this probe keeps PEFT's behaviour
+            pass
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        self._takes_positions = False
+        return 0
 
     @property
     def n(self) -> int:
@@ -154,7 +184,7 @@ class PTuningModel(nn.Module):
         """Positions of the last ``seq`` user slots: n + (index among the row's real tokens). Pads get n."""
         seq = attention_mask.shape[1] - past_length
         pos = attention_mask.long().cumsum(-1) - 1
-        return (pos.clamp(min=0) + self.n)[:, past_length:past_length + seq]
+        return (pos.clamp(min=0) + self.n + self.position_offset)[:, past_length:past_length + seq]
 
     def extend_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                       token_type_ids: Optional[torch.Tensor] = None) -> dict:
@@ -170,6 +200,7 @@ class PTuningModel(nn.Module):
         }
         if self._takes_positions:
             prompt_pos = torch.arange(self.n, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+            prompt_pos = prompt_pos + self.position_offset
             kwargs["position_ids"] = torch.cat([prompt_pos, self.user_positions(attention_mask)], dim=1)
         if token_type_ids is not None:
             zeros = torch.zeros(batch, self.n, dtype=token_type_ids.dtype, device=token_type_ids.device)

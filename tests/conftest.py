@@ -38,8 +38,13 @@ def make_peft_adapter(out_dir: Path, model_dir: Path, peft_task: str, auto_class
     torch.manual_seed(seed)
     kwargs = {"num_labels": num_labels} if num_labels else {}
     base = getattr(transformers, auto_class).from_pretrained(model_dir, **kwargs)
+    # Sizes read the way we read them: PEFT cannot find them in configs that say `dim`/`n_heads` (DistilBERT).
+    from ptuning_onnx.config import PromptEncoderConfig as Ours
+
+    sizes = Ours(num_virtual_tokens=num_virtual_tokens, task_type=peft_task).fill_from_model_config(base.config)
     cfg = PromptEncoderConfig(task_type=peft_task, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32,
-                              encoder_reparameterization_type=encoder)
+                              encoder_reparameterization_type=encoder, token_dim=sizes.token_dim,
+                              num_attention_heads=sizes.num_attention_heads, num_layers=sizes.num_layers)
     model = get_peft_model(base, cfg)
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():

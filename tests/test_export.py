@@ -125,32 +125,57 @@ def test_our_adapter_exports_and_peft_agrees(tmp_path, encoder):
     assert np.abs(got - (want.numpy() + 1e-3)).max() > 1e-4  # the same tolerance sees a small shift
 
 
-def _tiny_base(tmp_path, name):
-    """Tiny random architectures beyond models/: Qwen2 (GQA + rotary), OPT (learned positions, offset 2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+# Tiny random architectures beyond models/, each a different way of doing positions or heads:
+# Qwen2 (GQA + rotary), OPT (learned positions with its own offset of 2), RoBERTa (position table indexed from
+# pad_token_id + 1), DistilBERT (no token_type_ids, `dim` not `hidden_size`), BART (encoder-decoder, learned positions).
+ARCHS = {
+    "qwen2": ("CAUSAL_LM", "AutoModelForCausalLM",
+              dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                   num_key_value_heads=2, max_position_embeddings=256)),
+    "opt": ("CAUSAL_LM", "AutoModelForCausalLM",
+            dict(vocab_size=300, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=256, word_embed_proj_dim=48)),
+    "roberta": ("SEQ_CLS", "AutoModelForSequenceClassification",
+                dict(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     max_position_embeddings=130, pad_token_id=1)),
+    "distilbert": ("SEQ_CLS", "AutoModelForSequenceClassification",
+                   dict(vocab_size=300, dim=48, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=128)),
+    "bart": ("SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM",
+             dict(vocab_size=300, d_model=48, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=128)),
+}
 
-    configs = {
-        "qwen2": dict(model_type="qwen2", vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256),
-        "opt": dict(model_type="opt", vocab_size=300, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=48),
-    }
-    kwargs = dict(configs[name])
-    cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(tmp_path / name, safe_serialization=True)
-    return tmp_path / name
 
-
-@pytest.mark.parametrize("arch", ["qwen2", "opt"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_more_architectures(tmp_path, arch):
-    base = _tiny_base(tmp_path, arch)
-    make_peft_adapter(tmp_path / "ad", base, "CAUSAL_LM", "AutoModelForCausalLM", encoder="LSTM")
+    """Same code path, no per-model list: export parity, and the reference equals PEFT on unpadded rows."""
+    import transformers
+    from transformers import AutoConfig
+
+    peft_task, auto, kwargs = ARCHS[arch]
+    torch.manual_seed(0)
+    getattr(transformers, auto).from_config(AutoConfig.for_model(arch, **kwargs)).save_pretrained(tmp_path / arch)
+    num_labels = 2 if peft_task == "SEQ_CLS" else None
+    peft_model, _ = make_peft_adapter(tmp_path / "ad", tmp_path / arch, peft_task, auto, encoder="LSTM",
+                                      num_labels=num_labels)
     with pytest.warns(UserWarning, match="no tokenizer.json"):
-        result = export(base, tmp_path / "ad", tmp_path / "out", progress=False)
+        result = export(tmp_path / arch, tmp_path / "ad", tmp_path / "out", progress=False)
     assert result.report["passed"]
     assert max(result.report["max_abs_diff"].values()) < 1e-4
+
+    ref = load_reference(tmp_path / arch, tmp_path / "ad")
+    ids = torch.randint(3, 300, (2, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        if peft_task == "SEQ_2_SEQ_LM":
+            dec = torch.randint(3, 300, (2, 3))
+            want = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+            got = ref(ids, mask, decoder_input_ids=dec).logits
+        else:
+            want = peft_model(input_ids=ids, attention_mask=mask).logits
+            want = want[:, ref.n:] if peft_task == "CAUSAL_LM" else want
+            got = ref(ids, mask).logits
+    assert (got - want).abs().max() < 1e-5
 
 
 def test_dynamo_route_needs_no_optimum_patcher(peft_adapters, tmp_path):

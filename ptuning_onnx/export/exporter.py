@@ -73,16 +73,19 @@ def load_reference(base_model: os.PathLike, adapter: os.PathLike | Adapter, task
     config = mf.read_model_config(base_dir) if (base_dir / "config.json").is_file() else None
     if config is None:
         raise ConfigError(f"base model folder {base_dir} has no config.json")
-    hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if k in config), None)
+    hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model", "dim") if k in config), None)
     if hidden is not None and adapter.prompt_embeddings.shape[1] != hidden:
         raise ConfigError(f"adapter token_dim is {adapter.prompt_embeddings.shape[1]} but base model {base_dir} "
                           f"has hidden size {hidden}")
-    labels = adapter.labels
-    if labels is None and task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
-        head = next((v for k, v in adapter.head_weights.items() if k.endswith("weight")), None)
-        if head is not None:
-            labels = [f"LABEL_{i}" for i in range(head.shape[0])]
-    base = load_base(base_dir, task, labels=labels, dtype=dtype)
+    base = load_base(base_dir, task, labels=adapter.labels, dtype=dtype)
+    if adapter.labels is None and task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        # A PEFT adapter does not say how many labels its head has; its output layer's weights do. That layer is
+        # the head parameter whose first dimension is the base config's label count but not the adapter's.
+        params, count = base.state_dict(), base.config.num_labels
+        wanted = {v.shape[0] for k, v in adapter.head_weights.items()
+                  if k in params and params[k].shape[0] == count and v.shape[0] != count}
+        if len(wanted) == 1:
+            base = load_base(base_dir, task, labels=[f"LABEL_{i}" for i in range(wanted.pop())], dtype=dtype)
     apply_head_weights(base, adapter.head_weights)
     return PTuningModel(base, adapter.prompt().to(dtype), task).eval()
 

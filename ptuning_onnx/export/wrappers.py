@@ -70,7 +70,11 @@ class CausalLMGraph(nn.Module):
         self.n = ref.n
         with torch.no_grad():
             prompt = ref.prompt_embeds(1)
-            out = ref.base(inputs_embeds=prompt, position_ids=torch.arange(self.n).unsqueeze(0), use_cache=True)
+            positions = torch.arange(self.n).unsqueeze(0) + ref.position_offset
+            kwargs = {"position_ids": positions} if ref._takes_positions else {}
+            out = ref.base(inputs_embeds=prompt, use_cache=True, **kwargs)
+        self.offset = self.n + ref.position_offset  # user position p sits at model position n + offset + p
+        self.takes_positions = ref._takes_positions
         legacy = _layers(out.past_key_values)
         self.num_layers = len(legacy)
         for i, (key, value) in enumerate(legacy):
@@ -115,8 +119,9 @@ class CausalLMGraph(nn.Module):
         seq = steps[-1:] + 1
         keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
         index = steps[steps >= seq - keep]
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids + self.n,
-                      past_key_values=_cache(cache), use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
+        if self.takes_positions:
+            kwargs["position_ids"] = position_ids + self.offset
         if self._keep_native:
             out = self.model(**kwargs, logits_to_keep=index)
             logits = out["logits"]
@@ -182,7 +187,12 @@ class Seq2SeqEncoderGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         kwargs = self.ref.extend_inputs(input_ids, attention_mask)
-        return self.ref.base.get_encoder()(**kwargs, use_cache=False)[0]
+        encoder = self.ref.base.get_encoder()
+        import inspect
+
+        if "use_cache" in inspect.signature(encoder.forward).parameters:
+            kwargs["use_cache"] = False  # optimum's patcher sets config.use_cache on every submodule; T5Stack obeys
+        return encoder(**kwargs)[0]
 
 
 class Seq2SeqDecoderGraph(nn.Module):
