@@ -114,7 +114,9 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     route = _resolve_route(exporter)
     log = Progress(progress)
     with log.step("loading base model and adapter"):
-        ref = load_reference(base_model, adapter, task)
+        adapter_dir = Path(adapter)
+        loaded = load_adapter(adapter_dir)
+        ref = load_reference(base_model, loaded, task)
     task = ref.task
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -131,7 +133,8 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                 for spec in graphs:
                     optimize_graph(tmp / f"{spec.name}.onnx", ref, fuse=optimize, quantize=quantize)
         _copy_side_files(Path(base_model), ref, tmp)
-        manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter, opset, dtype, quantize, optimize)
+        manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
+                                   quantize, optimize)
         manifest["exporter"] = route
         mf.write_manifest(tmp, manifest)
         report = None
@@ -277,8 +280,8 @@ def _io(session_io) -> list:
             for x in session_io]
 
 
-def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter, opset, dtype, quantize,
-                    optimize) -> dict:
+def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter_dir: Path, adapter_cfg,
+                    opset, dtype, quantize, optimize) -> dict:
     import onnxruntime as ort
 
     cfg = ref.base.config
@@ -292,7 +295,6 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
         graphs[spec.name] = {"file": f"{spec.name}.onnx", "inputs": _io(inputs),
                              "outputs": _io(session.get_outputs()), "defaults": spec.defaults}
     limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions") if getattr(cfg, k, None)), None)
-    adapter_cfg = load_adapter(adapter).config if not isinstance(adapter, Adapter) else adapter.config
     files = [p.name for p in folder.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME]
     decoder_layers = getattr(cfg, "num_decoder_layers", None)
     return {
@@ -302,7 +304,7 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
         "num_virtual_tokens": ref.n,
         "token_dim": int(ref.table.shape[1]),
         "adapter_config": adapter_cfg.to_dict(),
-        "adapter": {"path": str(Path(adapter).resolve()) if not isinstance(adapter, Adapter) else None},
+        "adapter": {"path": str(adapter_dir.resolve())},
         "base_model": {
             "name_or_path": str(base_dir.resolve()),
             "model_type": cfg.model_type,
