@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,6 +26,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._fs import atomic_write_dir, recover_interrupted
 from .config import PromptEncoderConfig
 from .errors import AdapterError, ConfigError
 
@@ -38,6 +37,7 @@ STATE_DIR = "training_state"
 PROMPT_KEY = "prompt_embeddings"
 BASE_PREFIX = "base_model."
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
+STATE_FILES = ("encoder.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 @dataclass
@@ -109,7 +109,10 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         head[name.replace(".modules_to_save.default", "")] = value
     labels = None
     if (folder / LABELS_NAME).is_file():
-        labels = read_json(folder / LABELS_NAME, "labels file").get("labels")
+        data = read_json(folder / LABELS_NAME, "labels file")
+        labels = data.get("labels") if isinstance(data, dict) else None
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, (str, int)) for x in labels):
+            raise AdapterError(f"{folder / LABELS_NAME} must be {{\"labels\": [names...]}}, got {str(data)[:80]}")
     return Adapter(config=config, prompt_embeddings=table.float(), head_weights=head, labels=labels)
 
 
@@ -133,49 +136,11 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter) -> Path:
             with open(tmp / LABELS_NAME, "w", encoding="utf-8") as fh:
                 json.dump({"labels": list(adapter.labels)}, fh, indent=2)
 
-    atomic_update(folder, write, keep=[STATE_DIR])
+    atomic_write_dir(folder, write, owned=OWNED, keep=[STATE_DIR])
     return folder
 
 
-def atomic_update(folder: Path, write, keep=()) -> None:
-    """Build the folder's new content in a sibling temp folder, carry over ``keep`` entries, then swap it in.
-
-    A crash at any point leaves either the old folder or the new one, never a half-written mix.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                if not (tmp / entry.name).exists() and (entry.name in keep or not _is_ours(entry.name)):
-                    # Files we did not write are carried over, never deleted.
-                    os.replace(entry, tmp / entry.name)
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_interrupted(folder: Path) -> None:
-    """Finish an ``atomic_update`` that was killed between its two renames: the folder is missing and its
-    previous content waits in ``.<name>.old-<pid>``; put that back."""
-    folder = Path(folder)
-    if folder.exists():
-        return
-    leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if leftovers:
-        os.replace(leftovers[-1], folder)
-
-
-def _is_ours(name: str) -> bool:
-    return name in (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, STATE_DIR)
+OWNED = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, STATE_DIR)
 
 
 # ---- training state (resume) ------------------------------------------------------------------------------
@@ -194,7 +159,7 @@ def save_training_state(folder: Path, *, encoder_state: dict, optimizer_state: d
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
             json.dump(state_meta, fh, indent=2, sort_keys=True)
 
-    atomic_update(Path(folder) / STATE_DIR, write)
+    atomic_write_dir(Path(folder) / STATE_DIR, write, owned=STATE_FILES)
 
 
 def load_training_state(folder: Path) -> Optional[dict]:

@@ -17,7 +17,7 @@ FORMAT_NAME = "ptuning-onnx"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "spiece.model", "added_tokens.json",
+    "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "added_tokens.json",
 )
 # Per-task graphs and the optional inputs whose defaults keep the standard interface (see docs/FORMAT.md).
 TASK_GRAPHS = {
@@ -111,6 +111,12 @@ def read_model_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ManifestError(f"{folder} has no config.json")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path} must hold a JSON object")
+    return config
 

@@ -61,13 +61,19 @@ def load_base(path: Union[str, os.PathLike], task: TaskType, *, labels: Optional
     # would only confuse.
     transformers.logging.set_verbosity_error()
     try:
-        model = auto.from_pretrained(str(folder), use_safetensors=True, dtype=dtype, **kwargs)
+        model, info = auto.from_pretrained(str(folder), use_safetensors=True, dtype=dtype, output_loading_info=True,
+                                           **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise ConfigError(f"architecture '{_model_type(folder)}' does not support task {task.value}") from None
-        raise
+        raise ConfigError(f"cannot load base model {folder}: {exc}") from None
+    except OSError as exc:  # transformers' wording for unreadable config or weight files
+        raise ConfigError(f"cannot load base model {folder}: {' '.join(str(exc).split())}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    # Modules the checkpoint did not have are the task head(s) the prompt trains with (classifier, score,
+    # pre_classifier, classification_head, ...): found from the checkpoint itself, not from a list of names.
+    model._ptuning_new_modules = _new_modules(model, info.get("missing_keys", []))
     if model.config.pad_token_id is None and task == TaskType.SEQ_CLS:
         model.config.pad_token_id = pad_token_id if pad_token_id is not None else 0
     return model.eval()
@@ -233,10 +239,37 @@ class PTuningModel(nn.Module):
                                                           ignore_index=-100)
             return out
         if self.task == TaskType.SEQ_CLS:
+            if self._pools_last_token():
+                return self._classify_last_token(kwargs, labels)
             return self.base(**kwargs, labels=labels)
         out = self.base(**kwargs)  # FEATURE_EXTRACTION
         out["last_hidden_state"] = out["last_hidden_state"][:, n:]
         return out
+
+    def _pools_last_token(self) -> bool:
+        return "score" in head_modules(self.base) and hasattr(self.base, self.base.base_model_prefix)
+
+    def _classify_last_token(self, kwargs: dict, labels: Optional[torch.Tensor]) -> ModelOutput:
+        """Decoder classifiers (``score`` heads) pool one position. Given ``inputs_embeds``, transformers pools the
+        LAST position, which is a pad on a right-padded row. Pool each row's last REAL token instead, so either
+        padding side gives what the row gives alone; on unpadded rows this is exactly what PEFT computes."""
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        body = getattr(self.base, self.base.base_model_prefix)
+        hidden = body(**kwargs, use_cache=False)[0]  # (B, n+L, D)
+        mask = kwargs["attention_mask"]
+        index = ((torch.cumsum(torch.ones_like(mask), -1) - 1) * mask).argmax(-1)  # last real position per row
+        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, D)
+        logits = self.base.score(hidden)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.base.config.problem_type == "multi_label_classification":
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            elif self.base.config.num_labels == 1:
+                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
 
     # ---- decoding, used by parity checks and tests ---------------------------------------------------------
 
@@ -292,8 +325,29 @@ class PTuningModel(nn.Module):
         return torch.cat(new, dim=1), torch.stack(logits, 1)
 
 
+def _new_modules(model: nn.Module, missing_keys) -> list[str]:
+    """The shortest module paths all of whose parameters were missing from the checkpoint."""
+    params = [name for name, _ in model.named_parameters()]
+    missing = set(missing_keys) & set(params)
+    found: list[str] = []
+    for key in sorted(missing):
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if all(name in missing for name in params if name.startswith(prefix + ".")):
+                if prefix not in found:
+                    found.append(prefix)
+                break
+    return found
+
+
 def head_modules(base: nn.Module) -> list[str]:
-    """Names of the base's freshly-initialised task heads that train with the prompt."""
+    """Names of the base's freshly-initialised task heads that train with the prompt.
+
+    From the checkpoint's missing keys when ``load_base`` loaded it; otherwise PEFT's default names."""
+    found = getattr(base, "_ptuning_new_modules", None)
+    if found is not None:
+        return list(found)
     names = dict(base.named_modules())
     return [name for name in HEAD_MODULES if name in names]
 

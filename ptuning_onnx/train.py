@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .adapter import CONFIG_NAME, Adapter, load_training_state, save_adapter, save_training_state
+from ._fs import check_target
 from .config import PromptEncoderConfig, TaskType, parse_task
 from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
 from .errors import ConfigError
@@ -356,8 +357,7 @@ class _Run:
 
 def _check_output(output: Path, args: TrainArgs) -> Optional[dict]:
     """The checkpoint to resume from, or None for a fresh run; refuses to silently overwrite a checkpoint."""
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} exists and is not a folder")
+    check_target(output)  # not the current folder or one above it, not a file
     state = load_training_state(output) if output.is_dir() else None
     if args.resume and state is None:
         raise ConfigError(f"--resume given but {output} holds no checkpoint (training_state/state.json)")

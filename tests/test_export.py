@@ -122,7 +122,11 @@ def test_our_adapter_exports_and_peft_agrees(tmp_path, encoder):
             feed[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
     got = sess.run(["logits"], feed)[0]
     assert np.abs(got - want.numpy()).max() < 1e-4
-    assert np.abs(got - (want.numpy() + 1e-3)).max() > 1e-4  # the same tolerance sees a small shift
+    # negative control: PEFT with a slightly different prompt is told apart by the same tolerance
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.add_(torch.randn(7, 64) * 0.05)
+        other = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 7:]
+    assert np.abs(got - other.numpy()).max() > 1e-4
 
 
 # Tiny random architectures beyond models/, each a different way of doing positions or heads:
@@ -242,19 +246,47 @@ def test_failed_parity_leaves_no_folder(peft_adapters, tmp_path):
 
 
 def test_killed_export_leaves_nothing_that_looks_valid(peft_adapters, tmp_path):
+    """SIGKILL the exporter as soon as its graph exists (parity still to run): nothing may look like an export,
+    and the next export cleans up the dead process's temporary folder."""
     import time
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ptuning_onnx.cli.export", "--base-model", str(MODELS / "t5"),
                              "--adapter", str(peft_adapters["seq2seq-lm"]), "--output", str(out), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(6)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*/decoder_model.onnx")) and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.kill()
-    proc.wait()
-    if out.exists():  # it finished before the kill: then it must be complete and verified
-        assert mf.read_manifest(out, verify=True)["parity"]["passed"]
-    else:
-        assert not any((p / mf.MANIFEST_NAME).exists() for p in tmp_path.iterdir() if p.is_dir())
+    assert proc.wait() == -9, "the export finished before it could be killed"
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".out.tmp-*"))
+    assert leftovers and not any((p / mf.MANIFEST_NAME).exists() for p in leftovers)
+    export(MODELS / "t5", peft_adapters["seq2seq-lm"], out, progress=False, skip_verify=True)
+    assert not list(tmp_path.glob(".out.tmp-*"))  # the dead writer's folder is gone
+
+
+def test_output_that_is_the_current_folder_is_refused(peft_adapters, tmp_path, monkeypatch):
+    """`--output .` (or a parent of it) must not move or delete the user's files."""
+    for i in range(5):
+        (tmp_path / f"user-{i}.txt").write_text(str(i))
+    monkeypatch.chdir(tmp_path)
+    for output in (".", ".."):
+        with pytest.raises(ConfigError, match="current folder"):
+            export(MODELS / "bert", peft_adapters["seq-cls"], output, overwrite=True, progress=False)
+        assert export_cli.main(["--base-model", str(MODELS / "bert"), "--adapter", str(peft_adapters["seq-cls"]),
+                                "--output", output, "--overwrite", "--quiet"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"user-{i}.txt" for i in range(5)]
+
+
+def test_foreign_file_that_would_be_replaced_is_refused(peft_adapters, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("the user's own")
+    with pytest.raises(ConfigError, match="tokenizer.json, which this write did not make"):
+        export(MODELS / "bert", peft_adapters["seq-cls"], out, overwrite=True, skip_verify=True, progress=False)
+    assert (out / "tokenizer.json").read_text() == "the user's own"
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
@@ -276,7 +308,16 @@ def test_pickle_only_adapter_refused(tmp_path):
 
 
 def test_unsupported_task_for_architecture(peft_adapters, tmp_path):
-    with pytest.raises(ExportError, match="t5.*cannot be exported for task SEQ_CLS"):
+    with pytest.raises(ExportError, match="bert.*cannot be exported for task CAUSAL_LM"):
+        export(MODELS / "bert", peft_adapters["causal-lm"], tmp_path / "out", progress=False)
+    with pytest.raises(ExportError, match="bert.*cannot be exported for task CAUSAL_LM"):
+        export(MODELS / "bert", peft_adapters["causal-lm"], tmp_path / "out", progress=False, exporter="dynamo")
+    assert not (tmp_path / "out").exists()
+
+
+def test_classification_without_head_weights_is_refused(peft_adapters, tmp_path):
+    """A seq-cls export whose fresh head comes from neither checkpoint nor adapter would be a random classifier."""
+    with pytest.raises(ConfigError, match="no trained weights for classification_head.*head would be random"):
         export(MODELS / "t5", peft_adapters["seq2seq-lm"], tmp_path / "out", task="seq-cls", progress=False)
 
 
@@ -292,6 +333,27 @@ def test_unknown_task_and_missing_files(peft_adapters, tmp_path):
 def _error_lines(err: str) -> list:
     assert "Traceback" not in err
     return [line for line in err.splitlines() if not line.startswith("[ptuning-onnx]")]
+
+
+def test_unreadable_base_config_and_labels_file(peft_adapters, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(MODELS / "gpt2", base)
+    (base / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        export(base, peft_adapters["causal-lm"], tmp_path / "o", progress=False)
+    ad = tmp_path / "ad"
+    shutil.copytree(peft_adapters["seq-cls"], ad)
+    (ad / "labels.json").write_text('["a", "b"]')
+    with pytest.raises(AdapterError, match="labels.json must be"):
+        export(MODELS / "bert", ad, tmp_path / "o", progress=False)
+    for base_dir, adapter in ((base, peft_adapters["causal-lm"]), (MODELS / "bert", ad),
+                              (MODELS / "bert", peft_adapters["causal-lm"])):
+        code = export_cli.main(["--base-model", str(base_dir), "--adapter", str(adapter), "--output",
+                                str(tmp_path / "o"), "--quiet"])
+        lines = _error_lines(capsys.readouterr().err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
 
 
 def test_cli_errors_are_one_line(peft_adapters, tmp_path, capsys):

@@ -528,3 +528,45 @@ def test_cuda_fp16_export_runs(models, peft_adapters, tmp_path):
     assert all(v.dtype == np.float16 for v in past.values())
     tokens = gpu.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     assert tokens.shape == (3, 8) and tokens.dtype == np.int64
+
+
+def test_seq2seq_refuses_left_padding(models):
+    """T5's relative positions would read left padding as distance between prompt and text: refused, named."""
+    model = models["seq2seq-lm"]
+    ids = np.array([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]], np.int64)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)
+    with pytest.raises(rt.AttentionMaskError, match="row 0 is not right-padded"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    model.generate(input_ids=ids[:, ::-1].copy(), attention_mask=mask[:, ::-1].copy(), max_new_tokens=2)
+
+
+def test_decoder_classifier_is_padding_invariant(tmp_path):
+    """GPT-2/Llama `score` heads pool one position: the graph pools each row's last REAL token, so a right- or
+    left-padded row classifies exactly as it does alone, and equals PEFT on the unpadded row."""
+    import torch
+
+    from conftest import make_peft_adapter
+    from ptuning_onnx.export import export
+
+    peft_model, _ = make_peft_adapter(tmp_path / "ad", MODELS / "llama", "SEQ_CLS",
+                                      "AutoModelForSequenceClassification", num_labels=3)
+    export(MODELS / "llama", tmp_path / "ad", tmp_path / "out", progress=False)
+    model = rt.load(tmp_path / "out", provider="cpu")
+    row = np.array([[9, 10, 11, 12, 13]], np.int64)
+    alone = np.array(model.classify(input_ids=row)[0]["logits"])
+    with torch.no_grad():
+        want = peft_model(input_ids=torch.from_numpy(row), attention_mask=torch.ones(1, 5, dtype=torch.long)).logits
+    assert np.abs(alone - want.numpy()[0]).max() < 1e-4
+    for pad_side in ("right", "left"):
+        other = np.array([[20, 21, 22, 23, 24, 25, 26]], np.int64)
+        pad = np.zeros((1, 2), np.int64)
+        ids = np.concatenate([np.concatenate([row, pad], 1) if pad_side == "right" else np.concatenate([pad, row], 1),
+                              other])
+        mask = np.ones_like(ids)
+        mask[0, 5:] = 0 if pad_side == "right" else 1
+        if pad_side == "left":
+            mask[0, :2] = 0
+        got = np.array(model.classify(input_ids=ids, attention_mask=mask)[0]["logits"])
+        assert np.abs(got - alone).max() < 1e-5, pad_side
+    # negative control: a different row differs by far more than the tolerance
+    assert np.abs(np.array(model.classify(input_ids=other)[0]["logits"]) - alone).max() > 1e-3

@@ -342,3 +342,46 @@ def test_interrupted_atomic_update_is_recovered(tmp_path):
     save_adapter(tmp_path / "ad", Adapter(cfg, torch.ones(2, 4)))
     (tmp_path / "ad").rename(tmp_path / ".ad.old-123")  # the state right after the first rename
     assert torch.equal(load_adapter(tmp_path / "ad").prompt_embeddings, torch.ones(2, 4))
+
+
+def test_output_that_is_the_current_folder_is_refused(tmp_path, model_dir, monkeypatch):
+    for i in range(5):
+        (tmp_path / f"user-{i}.txt").write_text(str(i))
+    rows = write_jsonl(tmp_path / "sub" / "t.jsonl", rows_for("causal-lm", 4))
+    monkeypatch.chdir(tmp_path)
+    for output in (".", ".."):
+        with pytest.raises(ConfigError, match="current folder"):
+            train(TrainArgs(base_model=str(model_dir("gpt2")), task="causal-lm", train_file=str(rows),
+                            output=output, max_steps=1, quiet=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] + [f"user-{i}.txt" for i in range(5)]
+
+
+def test_fresh_heads_with_any_name_are_trained_saved_and_exported(tmp_path):
+    """DistilBERT's head is `pre_classifier` + `classifier`: both are missing from a bare checkpoint, so both
+    train, go into the adapter, and come back at export (otherwise the export would carry a random layer)."""
+    from transformers import AutoConfig, AutoModel
+
+    from ptuning_onnx.export import export
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("distilbert", vocab_size=200, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                               max_position_embeddings=64)
+    AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")
+    rows = [{"input_ids": [5 + i, 9, 12 + i % 3], "label": i % 2} for i in range(16)]
+    args = TrainArgs(base_model=str(tmp_path / "base"), task="seq-cls", output=str(tmp_path / "ad"),
+                     train_file=str(write_jsonl(tmp_path / "t.jsonl", rows)), num_virtual_tokens=3, epochs=1,
+                     quiet=True)
+    result = train(args)
+    heads = {k.split(".")[0] for k in result.adapter.head_weights}
+    assert heads == {"pre_classifier", "classifier"}
+    saved = load_adapter(tmp_path / "ad")
+    assert set(saved.config.modules_to_save) == {"pre_classifier", "classifier"}
+    exported = export(tmp_path / "base", tmp_path / "ad", tmp_path / "onnx", progress=False)
+    assert exported.report["passed"]
+    # the exported reference uses the trained head: same logits as a reference built from the training result
+    from ptuning_onnx.export import load_reference
+
+    a, b = load_reference(tmp_path / "base", tmp_path / "ad"), load_reference(tmp_path / "base", tmp_path / "ad")
+    ids = torch.tensor([[5, 9, 12]])
+    with torch.no_grad():
+        assert torch.equal(a(ids, torch.ones_like(ids)).logits, b(ids, torch.ones_like(ids)).logits)

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,10 +20,11 @@ from typing import Optional
 import torch
 
 from .. import manifest as mf
+from .._fs import check_target, recover_interrupted, swap_in, temp_beside
 from ..adapter import Adapter, load_adapter
 from ..config import TASK_TO_CLI, TaskType, parse_task
-from ..errors import ConfigError, ExportError, ParityError
-from ..reference import PTuningModel, apply_head_weights, load_base
+from ..errors import ConfigError, ExportError, ManifestError, ParityError
+from ..reference import PTuningModel, apply_head_weights, head_modules, load_base
 from . import _optimum
 from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
 
@@ -70,9 +70,12 @@ def load_reference(base_model: os.PathLike, adapter: os.PathLike | Adapter, task
     base_dir = Path(base_model)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     task = parse_task(task or adapter.config.task_type or _missing_task())
-    config = mf.read_model_config(base_dir) if (base_dir / "config.json").is_file() else None
-    if config is None:
+    if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base model folder {base_dir} has no config.json")
+    try:
+        config = mf.read_model_config(base_dir)
+    except ManifestError as exc:
+        raise ConfigError(f"base model: {exc}") from None
     hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model", "dim") if k in config), None)
     if hidden is not None and adapter.prompt_embeddings.shape[1] != hidden:
         raise ConfigError(f"adapter token_dim is {adapter.prompt_embeddings.shape[1]} but base model {base_dir} "
@@ -86,6 +89,12 @@ def load_reference(base_model: os.PathLike, adapter: os.PathLike | Adapter, task
                   if k in params and params[k].shape[0] == count and v.shape[0] != count}
         if len(wanted) == 1:
             base = load_base(base_dir, task, labels=[f"LABEL_{i}" for i in range(wanted.pop())], dtype=dtype)
+    if task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        # A fresh head the adapter does not carry would be random: refuse rather than export a random classifier.
+        missing = [m for m in head_modules(base) if not any(k.startswith(m + ".") for k in adapter.head_weights)]
+        if missing:
+            raise ConfigError(f"base model {base_dir} has no trained weights for {', '.join(missing)} and the adapter "
+                              f"carries none either; the {task.value} head would be random")
     apply_head_weights(base, adapter.head_weights)
     return PTuningModel(base, adapter.prompt().to(dtype), task).eval()
 
@@ -101,8 +110,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity."""
     from ..parity import check_parity, default_atol
 
-    output = Path(output)
-    _check_output(output, overwrite)
+    output = _check_output(output, overwrite)
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
     if device not in ("cpu", "cuda"):
@@ -118,7 +126,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         loaded = load_adapter(adapter_dir)
         ref = load_reference(base_model, loaded, task)
     task = ref.task
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = temp_beside(output)
     try:
         with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {route})"):
             graphs = _export_graphs(ref, tmp, opset, route)
@@ -136,7 +144,6 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimize)
         manifest["exporter"] = route
-        mf.write_manifest(tmp, manifest)
         report = None
         if not skip_verify:
             tolerance = atol if atol is not None else default_atol(dtype, quantize)
@@ -150,7 +157,8 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                         exc.args = (f"{exc.args[0]} (report: {failed})",)
                     raise
             manifest["parity"] = report
-            mf.write_manifest(tmp, manifest)
+        # Written last: a folder without a manifest never looks like a finished export.
+        mf.write_manifest(tmp, manifest)
         _install(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,12 +166,12 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     return ExportResult(output, manifest, report)
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder {output} is not empty; pass --overwrite to replace an earlier export")
-    output.parent.mkdir(parents=True, exist_ok=True)
+def _check_output(output: os.PathLike, overwrite: bool) -> Path:
+    path = check_target(output)
+    recover_interrupted(path)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {path} is not empty; pass --overwrite to replace an earlier export")
+    return path
 
 
 ROUTES = ("auto", "torchscript", "dynamo")
@@ -210,12 +218,18 @@ def _dynamic_shapes(wrapper, spec: GraphSpec, example) -> tuple:
 
 def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str) -> list[GraphSpec]:
     task = ref.task
-    if task == TaskType.CAUSAL_LM:
-        wrappers = [CausalLMGraph(ref)]
-    elif task == TaskType.SEQ_2_SEQ_LM:
-        wrappers = [Seq2SeqEncoderGraph(ref), Seq2SeqDecoderGraph(ref)]
-    else:
-        wrappers = [EncoderTaskGraph(ref, _optimum.extra_inputs(ref.base, task))]
+    if route != "dynamo":
+        _optimum.onnx_config(ref.base, task)  # raises a clear ExportError for unsupported architecture/task pairs
+    try:
+        if task == TaskType.CAUSAL_LM:
+            wrappers = [CausalLMGraph(ref)]
+        elif task == TaskType.SEQ_2_SEQ_LM:
+            wrappers = [Seq2SeqEncoderGraph(ref), Seq2SeqDecoderGraph(ref)]
+        else:
+            wrappers = [EncoderTaskGraph(ref, _optimum.extra_inputs(ref.base, task))]
+    except Exception as exc:
+        raise ExportError(f"'{ref.base.config.model_type}' cannot be exported for task {task.value}: "
+                          f"{type(exc).__name__}: {exc}") from exc
     specs = []
     for wrapper in wrappers:
         spec = wrapper.spec()
@@ -338,21 +352,10 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
 
 def _install(tmp: Path, output: Path) -> None:
     """Swap the finished folder into place. Files in an old ``output`` that we did not write are carried over."""
-    if not output.exists():
-        os.replace(tmp, output)
-        return
-    ours = {mf.MANIFEST_NAME}
-    try:
-        ours.update(mf.read_manifest(output, verify=False).get("files", {}))
-    except Exception:
-        pass  # not an export of ours: everything in it is the user's and is kept
-    foreign = [entry for entry in output.iterdir() if entry.name not in ours]
-    for entry in foreign:
-        if (tmp / entry.name).exists():
-            raise ExportError(f"{entry} was not written by ptuning-export and would be replaced; move it away")
-    for entry in foreign:
-        os.replace(entry, tmp / entry.name)
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    os.replace(output, old)
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
+    owned = {mf.MANIFEST_NAME}
+    if output.is_dir():
+        try:
+            owned.update(mf.read_manifest(output, verify=False).get("files", {}))
+        except Exception:
+            pass  # not an export of ours: everything in it is the user's and is kept
+    swap_in(tmp, output, owned)

@@ -55,7 +55,11 @@ class RuntimeModel:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.task} from {self.path} on {self.device}>"
 
-    def _batch(self, texts, input_ids, attention_mask, new_tokens: int = 0, left: bool = False):
+    # Padding a task's graphs need: causal generation keeps only the last position (left); T5-style relative
+    # positions would see left padding as distance between prompt and text (right). None: either side.
+    required_padding: Optional[str] = None
+
+    def _batch(self, texts, input_ids, attention_mask, new_tokens: int = 0):
         """-> (ids, mask) int64 (B, L) checked, the tokenizer's Batch or None, and whether one string was given."""
         if (texts is None) == (input_ids is None):
             raise InputError("pass either texts or input_ids (not both, not neither)")
@@ -67,7 +71,7 @@ class RuntimeModel:
             encoded = require(self.tokenizer, self.path).encode(texts)
             input_ids, attention_mask = encoded.input_ids, encoded.attention_mask
         ids, mask = check_batch(input_ids, attention_mask, vocab_size=self.vocab_size,
-                                padding_side="left" if left else None)
+                                padding_side=self.required_padding)
         check_length(ids.shape[1], new_tokens, self.max_user_tokens)
         return ids, mask, encoded, single
 
@@ -96,7 +100,6 @@ class RuntimeModel:
 class _Generative(RuntimeModel):
     """``generate`` and ``stream`` over ``_steps`` (causal-lm and seq2seq-lm)."""
 
-    left_padded = False
 
     def _steps(self, ids, mask, chooser, params) -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -108,8 +111,7 @@ class _Generative(RuntimeModel):
         params = GenerationParams(max_new_tokens=max_new_tokens,
                                   eos_token_ids=eos_ids(kw.pop("eos_token_id", None), self.eos_token_id,
                                                         self.vocab_size), **kw)
-        ids, mask, encoded, single = self._batch(prompts, input_ids, attention_mask, params.max_new_tokens,
-                                                 left=self.left_padded)
+        ids, mask, encoded, single = self._batch(prompts, input_ids, attention_mask, params.max_new_tokens)
         return params, ids, mask, encoded is not None, single
 
     def generate(self, prompts=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
@@ -172,7 +174,7 @@ class _Generative(RuntimeModel):
 
 class CausalLM(_Generative):
     task = "causal-lm"
-    left_padded = True
+    required_padding = "left"
 
     def _steps(self, ids, mask, chooser, params):
         return gen.causal_lm_steps(self.sessions["model"], ids, mask, chooser, params.max_new_tokens,
@@ -181,6 +183,7 @@ class CausalLM(_Generative):
 
 class Seq2SeqLM(_Generative):
     task = "seq2seq-lm"
+    required_padding = "right"
 
     @property
     def decoder_start_token_id(self) -> int:

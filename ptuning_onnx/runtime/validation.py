@@ -80,12 +80,13 @@ def check_batch(input_ids, attention_mask, *, vocab_size: int, padding_side: Opt
     empty = np.flatnonzero(mask.sum(-1) == 0)
     if empty.size:
         raise EmptyInputError(f"row {int(empty[0])} of attention_mask has no real token (all zeros)")
-    if padding_side == "left":
-        # Left-padded means the mask never drops back to 0 after a 1.
-        wrong = np.flatnonzero((np.diff(mask, axis=-1) < 0).any(-1))
+    if padding_side in ("left", "right"):
+        # Left-padded: the mask never drops back to 0 after a 1. Right-padded: never rises back to 1 after a 0.
+        step = np.diff(mask, axis=-1)
+        wrong = np.flatnonzero(((step < 0) if padding_side == "left" else (step > 0)).any(-1))
         if wrong.size:
-            raise AttentionMaskError(f"row {int(wrong[0])} is not left-padded (attention_mask "
-                                     f"{mask[wrong[0]].tolist()}); generation needs padding on the left")
+            raise AttentionMaskError(f"row {int(wrong[0])} is not {padding_side}-padded (attention_mask "
+                                     f"{mask[wrong[0]].tolist()}); this model needs padding on the {padding_side}")
     return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask)
 
 
