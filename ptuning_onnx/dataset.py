@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .config import TASK_TO_CLI, TaskType
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 IGNORE = -100  # label id that cross-entropy skips (transformers' convention)
 # Files whose presence means the base folder ships a tokenizer.
@@ -84,8 +84,11 @@ def inspect_base(base_dir: Union[str, os.PathLike]) -> BaseInfo:
     """Vocabulary size, position limit, pad id and tokenizer of a base model folder (config + tokenizer only)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(base_dir))
-    tokenizer = load_tokenizer(base_dir)
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir))
+        tokenizer = load_tokenizer(base_dir)
+    except (OSError, ValueError) as exc:  # transformers' wording for unreadable config/tokenizer files
+        raise ConfigError(f"cannot read base model {base_dir}: {' '.join(str(exc).split())}") from None
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is None and tokenizer is not None and tokenizer.model_max_length < _NO_LIMIT:
         limit = tokenizer.model_max_length  # relative-position models (T5): the tokenizer's advertised limit

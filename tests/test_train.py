@@ -385,3 +385,16 @@ def test_fresh_heads_with_any_name_are_trained_saved_and_exported(tmp_path):
     ids = torch.tensor([[5, 9, 12]])
     with torch.no_grad():
         assert torch.equal(a(ids, torch.ones_like(ids)).logits, b(ids, torch.ones_like(ids)).logits)
+
+
+def test_unreadable_base_config_is_a_one_line_error(tmp_path, model_dir, capsys):
+    from ptuning_onnx.cli import train as train_cli
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir("gpt2"), bad)
+    (bad / "config.json").write_text("{not json")
+    rows = write_jsonl(tmp_path / "t.jsonl", rows_for("causal-lm", 4))
+    code = train_cli.main(["--base-model", str(bad), "--task", "causal-lm", "--train-file", str(rows),
+                           "--output", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot read base model") and "\n" not in err
