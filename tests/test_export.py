@@ -321,6 +321,16 @@ def test_classification_without_head_weights_is_refused(peft_adapters, tmp_path)
         export(MODELS / "t5", peft_adapters["seq2seq-lm"], tmp_path / "out", task="seq-cls", progress=False)
 
 
+def test_cuda_parity_without_cuda_provider_is_a_clear_error(peft_adapters, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="no CUDAExecutionProvider"):
+        export(MODELS / "bert", peft_adapters["seq-cls"], tmp_path / "o", device="cuda", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_task_and_missing_files(peft_adapters, tmp_path):
     with pytest.raises(ConfigError, match="unknown task 'translate'"):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "o", task="translate", progress=False)

@@ -115,6 +115,12 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected cpu or cuda")
+    if device == "cuda" and not skip_verify:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError(f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider; "
+                              "install onnxruntime-gpu (in place of onnxruntime) or verify with --device cpu")
     if quantize not in (None, "int8"):
         raise ConfigError(f"unknown quantization {quantize!r}; expected int8")
     if not isinstance(opset, int) or not 14 <= opset <= 21:
