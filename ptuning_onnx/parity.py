@@ -181,8 +181,14 @@ def _compare(ref: PTuningModel, runs, greedy, diffs: _Diffs) -> None:
     for case, out in runs:
         ids, mask = _t(case[0]), _t(case[1])
         if ref.task == TaskType.CAUSAL_LM:
-            want = ref(ids, mask).logits.float().numpy()
-            diffs.values("logits", out["logits"], want, case[1])
+            from .export.wrappers import _layers
+
+            r = ref.base(**ref.extend_inputs(ids, mask), use_cache=True)
+            diffs.values("logits", out["logits"], r.logits[:, n:].float().numpy(), case[1])
+            # The cache the next step reads: user positions only, the prompt's rows live inside the graph.
+            for i, (key, value) in enumerate(_layers(r.past_key_values)):
+                diffs.values("present", out[f"present.{i}.key"], key[:, :, n:].float().numpy())
+                diffs.values("present", out[f"present.{i}.value"], value[:, :, n:].float().numpy())
         elif ref.task == TaskType.SEQ_2_SEQ_LM:
             r = ref(ids, mask, decoder_input_ids=_t(case[2]))
             hidden = out["last_hidden_state"]
