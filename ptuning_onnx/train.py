@@ -15,7 +15,6 @@ Output folder (``--output``)::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 
 from .adapter import CONFIG_NAME, Adapter, load_training_state, save_adapter, save_training_state
 from ._fs import check_target
+from .manifest import sha256_file
 from .config import PromptEncoderConfig, TaskType, parse_task
 from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
 from .errors import ConfigError
@@ -174,7 +174,7 @@ def train(args: TrainArgs) -> TrainResult:
     if args.eval_file:
         eval_data = load_task_data(args.eval_file, task, info, num_virtual_tokens=args.num_virtual_tokens,
                                    labels=labels)
-    train_hash = _sha256(args.train_file)
+    train_hash = sha256_file(args.train_file)
     if state is not None:
         _check_resumable(state["meta"], args, train_hash, output)
 
@@ -380,14 +380,6 @@ def _check_resumable(meta: dict, args: TrainArgs, train_hash: str, output: Path)
                               f"now {getattr(args, name)!r}")
     if meta.get("train_sha256") != train_hash:
         raise ConfigError(f"cannot resume: {args.train_file} differs from the training file of the checkpoint")
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
