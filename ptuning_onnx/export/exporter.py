@@ -108,7 +108,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
            atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
            progress: bool = True, exporter: str = "auto") -> ExportResult:
     """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity."""
-    from ..parity import check_parity, default_atol
+    from ..parity import check_parity, default_atol, default_rtol
 
     output = _check_output(output, overwrite)
     if dtype not in DTYPES:
@@ -152,10 +152,11 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         manifest["exporter"] = route
         report = None
         if not skip_verify:
-            tolerance = atol if atol is not None else default_atol(dtype, quantize)
-            with log.step(f"verifying parity against PyTorch (atol {tolerance:g})"):
+            tolerance, rtol = (atol if atol is not None else default_atol(dtype, quantize)), default_rtol(quantize)
+            bound = f"atol {tolerance:g}" + (f", rtol {rtol:g}" if rtol else "")
+            with log.step(f"verifying parity against PyTorch ({bound})"):
                 try:
-                    report = check_parity(tmp, ref, manifest, atol=tolerance, device=device)
+                    report = check_parity(tmp, ref, manifest, atol=tolerance, rtol=rtol, device=device)
                 except ParityError as exc:
                     failed = output.with_name(output.name + ".parity-report.json")
                     if getattr(exc, "report", None) is not None:
