@@ -59,6 +59,12 @@ class _Graphs:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(None, feed)))
 
+    def only_inputs(self, graph: str, feed: dict) -> dict:
+        """``feed`` without names the graph lacks (``position_ids`` is absent for models without positions)."""
+        session = self.sessions[graph]
+        names = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
+        return {k: v for k, v in feed.items() if k in names}
+
     def past_names(self, graph: str) -> list:
         return [i.name for i in self.sessions[graph].get_inputs() if i.name.startswith("past_key_values.")]
 
@@ -135,8 +141,8 @@ def _run_outputs(graphs: _Graphs, manifest: dict, ref_task: TaskType, seed: int)
     for ids, mask in _cases(vocab, None if limit is None else limit - GREEDY_STEPS, cfg["padding_side"], seed):
         batch = ids.shape[0]
         if ref_task == TaskType.CAUSAL_LM:
-            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
-                    **graphs.empty_past("model", batch)}
+            feed = graphs.only_inputs("model", {"input_ids": ids, "attention_mask": mask,
+                                                "position_ids": _positions(mask), **graphs.empty_past("model", batch)})
             results.append(((ids, mask), graphs.run("model", feed)))
         elif ref_task == TaskType.SEQ_2_SEQ_LM:
             enc = graphs.run("encoder_model", {"input_ids": ids, "attention_mask": mask})
@@ -159,8 +165,9 @@ def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, ste
     batch = ids.shape[0]
     tokens, logits = [], []
     if task == TaskType.CAUSAL_LM:
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
-                "logits_to_keep": np.array(1, np.int64), **graphs.empty_past("model", batch)}
+        feed = graphs.only_inputs("model", {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
+                                            "logits_to_keep": np.array(1, np.int64),
+                                            **graphs.empty_past("model", batch)})
         past_names = graphs.past_names("model")
         for _ in range(steps):
             out = graphs.run("model", feed)
@@ -168,8 +175,9 @@ def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, ste
             token = last.argmax(-1)[:, None].astype(np.int64)
             tokens.append(token), logits.append(last)
             mask = np.concatenate([mask, np.ones_like(token)], 1)
-            feed = {"input_ids": token, "attention_mask": mask, "position_ids": _positions(mask)[:, -1:],
-                    "logits_to_keep": np.array(1, np.int64)}
+            feed = graphs.only_inputs("model", {"input_ids": token, "attention_mask": mask,
+                                                "position_ids": _positions(mask)[:, -1:],
+                                                "logits_to_keep": np.array(1, np.int64)})
             feed.update({name: out[name.replace("past_key_values", "present")] for name in past_names})
     else:
         enc = graphs.run("encoder_model", {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]

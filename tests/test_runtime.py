@@ -570,3 +570,27 @@ def test_decoder_classifier_is_padding_invariant(tmp_path):
         assert np.abs(got - alone).max() < 1e-5, pad_side
     # negative control: a different row differs by far more than the tolerance
     assert np.abs(np.array(model.classify(input_ids=other)[0]["logits"]) - alone).max() > 1e-3
+
+
+@pytest.mark.parametrize("binding", [False, True])
+def test_generate_prefill_computes_last_position_logits_only(models, monkeypatch, binding):
+    """The prefill sets the optional `logits_to_keep` input to 1 (on the plain path and the IOBinding path), so
+    (B, L, V) logits are never computed for a prompt of length L; the graph's default still gives all of them."""
+    model = models["causal-lm"]
+    monkeypatch.setattr(GraphRunner, "force_binding", binding)
+    shapes = []
+    original = GraphRunner.run
+
+    def spy(self, inputs, to_host=("logits",)):
+        host, kept = original(self, inputs, to_host)
+        shapes.append((inputs["input_ids"].shape, host["logits"].shape))
+        return host, kept
+
+    monkeypatch.setattr(GraphRunner, "run", spy)
+    ids, mask = left_padded(ROWS, model.pad_token_id)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])
+    (prefill_in, prefill_logits), *steps = shapes
+    assert prefill_in == (3, 7) and prefill_logits == (3, 1, model.vocab_size)
+    assert all(logits == (3, 1, model.vocab_size) for _, logits in steps) and len(steps) == 2
+    full = model.forward(ids, mask)["logits"]  # negative control: the default keeps every position
+    assert full.shape == (3, 7, model.vocab_size)

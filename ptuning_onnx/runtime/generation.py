@@ -108,6 +108,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def graph_inputs(session) -> set:
+    """Every input name, including optional ones (an initializer of the same name), which onnxruntime lists apart
+    from ``get_inputs()``."""
+    return {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
+
+
 def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int, *,
                     device: str = "cpu", device_id: int = 0, logits_to_keep: bool = True) -> Iterator[np.ndarray]:
     """Yield (B,) tokens: prefill on the left-padded prompt (B, L), then one token per step through the KV cache.
@@ -115,7 +121,7 @@ def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenCh
     The prefill asks for the last position's logits only (``logits_to_keep=1``) when the graph has that input.
     """
     runner = GraphRunner(session, device, device_id)
-    names = {spec.name for spec in session.get_inputs()}
+    names = graph_inputs(session)
     extra = {"logits_to_keep": np.array(1, np.int64)} if logits_to_keep and "logits_to_keep" in names else {}
     feed = {"input_ids": ids, "attention_mask": mask, **empty_past(session, ids.shape[0])}
     if "position_ids" in names:

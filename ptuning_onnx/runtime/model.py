@@ -92,7 +92,9 @@ class RuntimeModel:
         session = self.sessions["model"]
         feed = self._encoder_feed(ids, mask)
         if self.task == "causal-lm":
-            feed = {**feed, "position_ids": gen.positions(mask), **gen.empty_past(session, ids.shape[0])}
+            feed = {**feed, **gen.empty_past(session, ids.shape[0])}
+            if "position_ids" in gen.graph_inputs(session):  # absent where the model has no positions (ALiBi)
+                feed["position_ids"] = gen.positions(mask)
         names = [o.name for o in session.get_outputs() if not o.name.startswith("present.")]
         return dict(zip(names, session.run(names, feed)))
 

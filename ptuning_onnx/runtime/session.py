@@ -146,11 +146,14 @@ class GraphRunner:
         io = self._binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
+        # bind_cpu_input keeps only a raw pointer to numpy memory, and cannot bind an optional input (an
+        # initializer such as logits_to_keep). An OrtValue made from the array holds a reference and binds both.
+        held = []
         for name, value in inputs.items():
-            if isinstance(value, OrtValue):
-                io.bind_ortvalue_input(name, value)
-            else:
-                io.bind_cpu_input(name, _contiguous(value))
+            if not isinstance(value, OrtValue):
+                value = OrtValue.ortvalue_from_numpy(_contiguous(value))
+                held.append(value)
+            io.bind_ortvalue_input(name, value)
         for name in self.output_names:
             # Small outputs we read (logits) come back to the host; everything else stays on the device.
             if name in to_host:
@@ -171,4 +174,5 @@ class GraphRunner:
 
 
 def _contiguous(value) -> np.ndarray:
-    return np.ascontiguousarray(value)
+    # Not np.ascontiguousarray: it turns a 0-d array (a scalar input such as logits_to_keep) into shape (1,).
+    return np.asarray(value, order="C")
