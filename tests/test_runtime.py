@@ -594,3 +594,8 @@ def test_generate_prefill_computes_last_position_logits_only(models, monkeypatch
     assert all(logits == (3, 1, model.vocab_size) for _, logits in steps) and len(steps) == 2
     full = model.forward(ids, mask)["logits"]  # negative control: the default keeps every position
     assert full.shape == (3, 7, model.vocab_size)
+
+
+def test_stream_rejects_unknown_options(models):
+    with pytest.raises(rt.InputError, match="unknown option\\(s\\) foo"):
+        models["causal-lm"].stream("hello", foo=1)

@@ -25,6 +25,7 @@ from .tokenizer import load_tokenizer, require
 from .validation import (GenerationParams, InputError, check_batch, check_length, check_texts, eos_ids)
 
 POOLINGS = ("mean", "cls")
+STREAM_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed"}
 
 
 class RuntimeModel:
@@ -58,6 +59,7 @@ class RuntimeModel:
     # Padding a task's graphs need: causal generation keeps only the last position (left); T5-style relative
     # positions would see left padding as distance between prompt and text (right). None: either side.
     required_padding: Optional[str] = None
+    new_tokens_share_positions = True  # a decoder-only model's new tokens follow the input in one sequence
 
     def _batch(self, texts, input_ids, attention_mask, new_tokens: int = 0):
         """-> (ids, mask) int64 (B, L) checked, the tokenizer's Batch or None, and whether one string was given."""
@@ -72,7 +74,12 @@ class RuntimeModel:
             input_ids, attention_mask = encoded.input_ids, encoded.attention_mask
         ids, mask = check_batch(input_ids, attention_mask, vocab_size=self.vocab_size,
                                 padding_side=self.required_padding)
-        check_length(ids.shape[1], new_tokens, self.max_user_tokens)
+        if self.new_tokens_share_positions:
+            check_length(ids.shape[1], new_tokens, self.max_user_tokens)
+        else:  # encoder-decoder: the input fills the encoder's positions, new tokens the decoder's
+            check_length(ids.shape[1], 0, self.max_user_tokens)
+            if self.max_user_tokens is not None:
+                check_length(new_tokens, 0, self.max_user_tokens + self.num_virtual_tokens)
         return ids, mask, encoded, single
 
     def _encoder_feed(self, ids: np.ndarray, mask: np.ndarray) -> dict:
@@ -143,6 +150,10 @@ class _Generative(RuntimeModel):
         Same keywords as ``generate``; it stops after EOS (an EOS id is yielded, EOS text is not). Inputs are checked
         here, before the generator is returned.
         """
+        unknown = sorted(set(kwargs) - STREAM_OPTIONS)
+        if unknown:
+            raise InputError(f"stream() got unknown option(s) {', '.join(unknown)}; "
+                             f"expected: {', '.join(sorted(STREAM_OPTIONS))}")
         kwargs.setdefault("eos_token_id", None)
         params, ids, mask, texts, _ = self._prepare(prompt, input_ids, attention_mask, max_new_tokens, kwargs)
         if ids.shape[0] != 1:
@@ -186,6 +197,7 @@ class CausalLM(_Generative):
 class Seq2SeqLM(_Generative):
     task = "seq2seq-lm"
     required_padding = "right"
+    new_tokens_share_positions = False
 
     @property
     def decoder_start_token_id(self) -> int:
