@@ -40,6 +40,7 @@ def test_export_parity_every_task(exports, task):
     assert report["negative_control"]["failed_as_expected"] is True
     assert max(report["negative_control"]["max_abs_diff"].values()) > 100 * report["atol"]
     assert report["cases"] >= 5
+    assert report["padding_invariant"]["passed"] is True and manifest["model"]["padding_invariant"] is True
     assert set(manifest["files"]) >= {"config.json", "tokenizer.json"}
     assert manifest["exporter"] and manifest["versions"]["torch"]
     graph_names = {"seq2seq-lm": {"encoder_model", "decoder_model"}}.get(task, {"model"})
@@ -394,7 +395,8 @@ def test_cli_subprocess_smoke(module):
     assert proc.returncode == 0 and f"ptuning-{module}" in proc.stdout
 
 
-@pytest.mark.parametrize("options,task", [(dict(dtype="fp16"), "seq-cls"), (dict(optimize=True), "causal-lm"),
+@pytest.mark.parametrize("options,task", [(dict(dtype="fp16"), "seq-cls"), (dict(dtype="fp16"), "seq2seq-lm"),
+                                          (dict(dtype="fp16"), "causal-lm-llama"), (dict(optimize=True), "causal-lm"),
                                           (dict(quantize="int8"), "seq2seq-lm"), (dict(quantize="int8"), "causal-lm"),
                                           (dict(quantize="int8"), "seq-cls")])
 def test_dtype_and_optimization_passes_keep_parity(peft_adapters, tmp_path, options, task):
@@ -407,7 +409,7 @@ def test_dtype_and_optimization_passes_keep_parity(peft_adapters, tmp_path, opti
     result = export(MODELS / model, peft_adapters[task], tmp_path / "out", progress=False, **options)
     report = result.report
     assert report["atol"] == default_atol(options.get("dtype", "fp32"), options.get("quantize"))
-    assert report["rtol"] == default_rtol(options.get("quantize"))
+    assert report["rtol"] == default_rtol(options.get("dtype", "fp32"), options.get("quantize"))
     if "quantize" in options:  # the weights really changed: not bit-exact, but inside the relative bound
         assert max(report["max_abs_diff"].values()) > 1e-5
     assert report["passed"] and report["negative_control"]["failed_as_expected"]
@@ -416,5 +418,5 @@ def test_dtype_and_optimization_passes_keep_parity(peft_adapters, tmp_path, opti
     if "dtype" in options:
         import onnx
 
-        graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+        graph = onnx.load(str(tmp_path / "out" / next(iter(result.manifest["graphs"].values()))["file"])).graph
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)

@@ -599,3 +599,29 @@ def test_generate_prefill_computes_last_position_logits_only(models, monkeypatch
 def test_stream_rejects_unknown_options(models):
     with pytest.raises(rt.InputError, match="unknown option\\(s\\) foo"):
         models["causal-lm"].stream("hello", foo=1)
+
+
+def test_non_invariant_model_is_flagged_and_padded_batches_refused(tmp_path):
+    """GPT-Neo's local attention (window 4) counts pad positions: parity finds that a padded row differs from the
+    row alone, the manifest records it, and the runtime refuses padded batches instead of answering wrongly."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import make_peft_adapter
+    from ptuning_onnx.export import export
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt_neo", vocab_size=300, hidden_size=48, num_layers=2, num_heads=4, window_size=4,
+                               attention_types=[[["global", "local"], 1]], max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neo")
+    make_peft_adapter(tmp_path / "ad", tmp_path / "neo", "CAUSAL_LM", "AutoModelForCausalLM")
+    with pytest.warns(UserWarning, match="padded row does not give what it gives alone"):
+        result = export(tmp_path / "neo", tmp_path / "ad", tmp_path / "out", progress=False)
+    assert result.report["passed"] and result.report["padding_invariant"]["passed"] is False
+    assert result.manifest["model"]["padding_invariant"] is False
+    model = rt.load(tmp_path / "out", provider="cpu")
+    ids, mask = left_padded([[5, 6, 7, 8], [9, 10]], 0)
+    with pytest.raises(rt.AttentionMaskError, match="padded rows do not give what they give alone"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    assert model.generate(input_ids=ids[:1], max_new_tokens=2).shape == (1, 2)

@@ -152,7 +152,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         manifest["exporter"] = route
         report = None
         if not skip_verify:
-            tolerance, rtol = (atol if atol is not None else default_atol(dtype, quantize)), default_rtol(quantize)
+            tolerance, rtol = (atol if atol is not None else default_atol(dtype, quantize)), default_rtol(dtype, quantize)
             bound = f"atol {tolerance:g}" + (f", rtol {rtol:g}" if rtol else "")
             with log.step(f"verifying parity against PyTorch ({bound})"):
                 try:
@@ -164,6 +164,11 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                         exc.args = (f"{exc.args[0]} (report: {failed})",)
                     raise
             manifest["parity"] = report
+            manifest["model"]["padding_invariant"] = report["padding_invariant"]["passed"]
+            if not report["padding_invariant"]["passed"]:
+                warnings.warn(f"{ref.base.config.model_type}: a padded row does not give what it gives alone "
+                              f"(max diff {max(report['padding_invariant']['max_abs_diff'].values()):.3g}); the "
+                              "runtime will refuse padded batches for this export", stacklevel=2)
         # Written last: a folder without a manifest never looks like a finished export.
         mf.write_manifest(tmp, manifest)
         _install(tmp, output)

@@ -22,7 +22,8 @@ from ..errors import ManifestError
 from . import generation as gen
 from .session import build_sessions, log
 from .tokenizer import load_tokenizer, require
-from .validation import (GenerationParams, InputError, check_batch, check_length, check_texts, eos_ids)
+from .validation import (AttentionMaskError, GenerationParams, InputError, check_batch, check_length, check_texts,
+                         eos_ids)
 
 POOLINGS = ("mean", "cls")
 STREAM_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed"}
@@ -52,6 +53,7 @@ class RuntimeModel:
         self.eos_token_id = eos
         self.tokenizer = load_tokenizer(folder, manifest, self.pad_token_id)
         self.padding_side = cfg.get("padding_side") or "right"
+        self.padding_invariant = cfg.get("padding_invariant") is not False  # None: exported with --skip-verify
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.task} from {self.path} on {self.device}>"
@@ -74,6 +76,11 @@ class RuntimeModel:
             input_ids, attention_mask = encoded.input_ids, encoded.attention_mask
         ids, mask = check_batch(input_ids, attention_mask, vocab_size=self.vocab_size,
                                 padding_side=self.required_padding)
+        if not self.padding_invariant and (mask == 0).any():
+            raise AttentionMaskError(
+                f"{self.path} was exported from a model whose padded rows do not give what they give alone (parity "
+                "found it: sliding-window or position-dependent attention); send unpadded rows of equal length, or "
+                "one row at a time")
         if self.new_tokens_share_positions:
             check_length(ids.shape[1], new_tokens, self.max_user_tokens)
         else:  # encoder-decoder: the input fills the encoder's positions, new tokens the decoder's
