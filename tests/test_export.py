@@ -131,7 +131,8 @@ def test_our_adapter_exports_and_peft_agrees(tmp_path, encoder):
 
 
 # Tiny random architectures beyond models/, each a different way of doing positions or heads:
-# Qwen2 (GQA + rotary), OPT (learned positions with its own offset of 2), RoBERTa (position table indexed from
+# Qwen2 (GQA + rotary), OPT (learned positions with its own offset of 2), Bloom (ALiBi, no position input),
+# RoBERTa (position table indexed from
 # pad_token_id + 1), DistilBERT (no token_type_ids, `dim` not `hidden_size`), BART (encoder-decoder, learned positions).
 ARCHS = {
     "qwen2": ("CAUSAL_LM", "AutoModelForCausalLM",
@@ -140,6 +141,8 @@ ARCHS = {
     "opt": ("CAUSAL_LM", "AutoModelForCausalLM",
             dict(vocab_size=300, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=256, word_embed_proj_dim=48)),
+    "bloom": ("CAUSAL_LM", "AutoModelForCausalLM",  # ALiBi: no position_ids at all
+              dict(vocab_size=300, hidden_size=48, n_layer=2, n_head=4)),
     "roberta": ("SEQ_CLS", "AutoModelForSequenceClassification",
                 dict(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                      max_position_embeddings=130, pad_token_id=1)),
