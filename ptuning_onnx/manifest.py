@@ -60,12 +60,8 @@ def read_manifest(folder: os.PathLike, *, verify: bool = True) -> dict:
         raise ManifestError(f"exported model folder not found: {folder}")
     if not path.is_file():
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}; is it a ptuning-onnx export?")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+    manifest = _read_object(path)
+    if manifest.get("format") != FORMAT_NAME:
         raise ManifestError(f"{path} is not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
@@ -111,12 +107,17 @@ def read_model_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ManifestError(f"{folder} has no config.json")
+    return _read_object(path)
+
+
+def _read_object(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a ``ManifestError`` naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except json.JSONDecodeError as exc:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
+    if not isinstance(data, dict):
         raise ManifestError(f"{path} must hold a JSON object")
-    return config
+    return data
 
