@@ -73,6 +73,20 @@ EOF
 #    PTUNING_REQUIRE_CUDA=1 turns their skip-when-absent into a failure.
 PTUNING_REQUIRE_CUDA=1 step "pytest -k cuda" 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_runtime.py -k cuda -rs
 
+# 2b. ptuning-export's parity on CUDA (issue 3's --device cuda), fp32 and fp16, on the tiny Llama (GQA + rotary).
+step "export parity on cuda" 120 "$PY" - <<'EOF'
+import sys, tempfile, pathlib
+sys.path.insert(0, "tests")
+from conftest import MODELS, make_peft_adapter
+from ptuning_onnx.export import export
+work = pathlib.Path(tempfile.mkdtemp())
+make_peft_adapter(work / "ad", MODELS / "llama", "CAUSAL_LM", "AutoModelForCausalLM")
+for dtype in ("fp32", "fp16"):
+    result = export(MODELS / "llama", work / "ad", work / dtype, dtype=dtype, device="cuda", progress=False)
+    print(dtype, "cuda parity", result.report["max_abs_diff"], "negative control",
+          result.report["negative_control"]["failed_as_expected"])
+EOF
+
 # 3. Short benchmark on the GPU (runtime on CUDA vs PEFT on torch CUDA when torch sees the GPU).
 step "bench fp32" 90 "$PY" tools/bench_runtime.py --provider cuda --repeats 5
 step "bench fp16" 90 "$PY" tools/bench_runtime.py --provider cuda --dtype fp16 --repeats 5 --skip-peft
