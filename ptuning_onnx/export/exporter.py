@@ -148,11 +148,11 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                     optimize_graph(tmp / f"{spec.name}.onnx", ref, fuse=optimize, quantize=quantize)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
-                                   quantize, optimize)
-        manifest["exporter"] = route
+                                   quantize, optimize, route)
         report = None
         if not skip_verify:
-            tolerance, rtol = (atol if atol is not None else default_atol(dtype, quantize)), default_rtol(dtype, quantize)
+            tolerance = atol if atol is not None else default_atol(dtype, quantize)
+            rtol = default_rtol(dtype, quantize)
             bound = f"atol {tolerance:g}" + (f", rtol {rtol:g}" if rtol else "")
             with log.step(f"verifying parity against PyTorch ({bound})"):
                 try:
@@ -307,7 +307,7 @@ def _io(session_io) -> list:
 
 
 def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter_dir: Path, adapter_cfg,
-                    opset, dtype, quantize, optimize) -> dict:
+                    opset, dtype, quantize, optimize, route) -> dict:
     import onnxruntime as ort
 
     cfg = ref.base.config
@@ -355,7 +355,7 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
         "dtype": dtype,
         "quantize": quantize,
         "optimized": bool(optimize),
-        "exporter": _optimum.ROUTE,
+        "exporter": route,
         "versions": _optimum.versions(),
         "files": mf.hash_files(folder, files),
         "parity": None,
