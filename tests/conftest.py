@@ -82,3 +82,23 @@ def exports(peft_adapters, tmp_path_factory):
     for task, (model, _, _) in TASKS.items():
         out[task] = export(MODELS / model, peft_adapters[task], root / task, progress=False).path
     return out
+
+
+def reference_vs_peft(peft_model, ref, vocab: int, *, seq2seq: bool, slice_peft: bool, token_types: bool = False):
+    """(ours, PEFT's) outputs on the same random unpadded batch; PEFT's virtual positions sliced off when
+    ``slice_peft`` (PEFT leaves them in for per-position outputs)."""
+    import torch
+
+    ids = torch.randint(5, vocab, (2, 7))
+    mask = torch.ones_like(ids)
+    extra = {"token_type_ids": torch.zeros_like(ids)} if token_types else {}
+    with torch.no_grad():
+        if seq2seq:
+            dec = torch.randint(5, vocab, (2, 3))
+            return (ref(ids, mask, decoder_input_ids=dec).logits,
+                    peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits)
+        out = peft_model(input_ids=ids, attention_mask=mask, **extra)
+        want = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        r = ref(ids, mask, *extra.values())
+        got = r["logits"] if "logits" in r else r["last_hidden_state"]
+    return got, (want[:, ref.n:] if slice_peft else want)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import MODELS, TASKS, make_peft_adapter
+from conftest import MODELS, TASKS, make_peft_adapter, reference_vs_peft
 from ptuning_onnx.adapter import Adapter, load_adapter, save_adapter
 from ptuning_onnx.config import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
 from ptuning_onnx.encoder import PromptEncoder
@@ -173,25 +173,13 @@ def test_reference_equals_peft_on_unpadded_rows(peft_adapters, task):
     peft_model = PeftModel.from_pretrained(getattr(transformers, auto).from_pretrained(MODELS / model, **kwargs),
                                            peft_adapters[task]).eval()
     ref = load_reference(MODELS / model, peft_adapters[task])
-    n = ref.n
-    ids = torch.randint(5, 1000, (2, 7))
-    mask = torch.ones_like(ids)
-    extra = {"token_type_ids": torch.zeros_like(ids)} if model == "bert" else {}
-    with torch.no_grad():
-        if task == "seq2seq-lm":
-            dec = torch.randint(5, 1000, (2, 3))
-            want = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-            got = ref(ids, mask, decoder_input_ids=dec).logits
-        else:
-            out = peft_model(input_ids=ids, attention_mask=mask, **extra)
-            want = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
-            if task != "seq-cls":
-                want = want[:, n:]  # PEFT leaves the virtual positions in; we slice them off
-            r = ref(ids, mask, *extra.values())
-            got = r["logits"] if "logits" in r else r["last_hidden_state"]
+    got, want = reference_vs_peft(peft_model, ref, 1000, seq2seq=task == "seq2seq-lm",
+                                  slice_peft=task not in ("seq-cls", "seq2seq-lm"), token_types=model == "bert")
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5
     if task.startswith("causal"):
+        ids = torch.randint(5, 1000, (2, 7))
+        mask = torch.ones_like(ids)
         with torch.no_grad():
             tokens = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
                                          do_sample=False)[:, -6:]

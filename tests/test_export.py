@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODELS, TASKS, make_peft_adapter
+from conftest import MODELS, TASKS, make_peft_adapter, reference_vs_peft
 from ptuning_onnx import manifest as mf
 from ptuning_onnx.adapter import Adapter, load_adapter, save_adapter
 from ptuning_onnx.cli import export as export_cli
@@ -172,18 +172,11 @@ def test_more_architectures(tmp_path, arch):
     assert max(result.report["max_abs_diff"].values()) < 1e-4
 
     ref = load_reference(tmp_path / arch, tmp_path / "ad")
-    ids = torch.randint(3, 300, (2, 6))
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        if peft_task == "SEQ_2_SEQ_LM":
-            dec = torch.randint(3, 300, (2, 3))
-            want = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-            got = ref(ids, mask, decoder_input_ids=dec).logits
-        else:
-            want = peft_model(input_ids=ids, attention_mask=mask).logits
-            want = want[:, ref.n:] if peft_task == "CAUSAL_LM" else want
-            got = ref(ids, mask).logits
-    assert (got - want).abs().max() < 1e-5
+    got, want = reference_vs_peft(peft_model, ref, 300, seq2seq=peft_task == "SEQ_2_SEQ_LM",
+                                  slice_peft=peft_task == "CAUSAL_LM")
+    assert got.shape == want.shape
+    # fp32 rounding scales with magnitude (the randomised head gives logits near 35): 1e-5 per unit of scale
+    assert (got - want).abs().max() < 1e-5 * max(1.0, float(want.abs().max()))
 
 
 def test_dynamo_route_needs_no_optimum_patcher(peft_adapters, tmp_path):

@@ -148,21 +148,27 @@ def _learn_wordpiece_vocab(
     return {t: i for i, t in enumerate(vocab)}
 
 
-# --------------------------------------------------------------------------- gpt2
-def build_gpt2(out: Path, lines: list[str]) -> None:
-    eot, pad = "<|endoftext|>", "<pad>"
-    tok = Tokenizer(models.BPE())
+def _byte_level_bpe(lines: list[str], special_tokens: list[str], unk_token: str | None = None) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on ``lines`` (GPT-2 and Llama style; this trainer is deterministic)."""
+    tok = Tokenizer(models.BPE(unk_token=unk_token) if unk_token else models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=1,
-        special_tokens=[eot, pad],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     _train(tok, trainer, lines)
+    return tok
+
+
+# --------------------------------------------------------------------------- gpt2
+def build_gpt2(out: Path, lines: list[str]) -> None:
+    eot, pad = "<|endoftext|>", "<pad>"
+    tok = _byte_level_bpe(lines, [eot, pad])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = _save_tokenizer(
         tok,
         out,
@@ -191,17 +197,7 @@ def build_gpt2(out: Path, lines: list[str]) -> None:
 # -------------------------------------------------------------------------- llama
 def build_llama(out: Path, lines: list[str]) -> None:
     unk, bos, eos, pad = "<unk>", "<s>", "</s>", "<pad>"
-    tok = Tokenizer(models.BPE(unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=1,
-        special_tokens=[unk, bos, eos, pad],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    _train(tok, trainer, lines)
+    tok = _byte_level_bpe(lines, [unk, bos, eos, pad], unk_token=unk)
     bos_id = tok.token_to_id(bos)
     tok.post_processor = processors.Sequence(
         [
