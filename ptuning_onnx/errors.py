@@ -27,3 +27,7 @@ class ParityError(PtuningError, AssertionError):
 
 class ManifestError(PtuningError, ValueError):
     """An exported folder is missing files, has modified files, or an unknown format."""
+
+
+class TrainingDivergedError(PtuningError, RuntimeError):
+    """A training loss, gradient or weight became NaN or infinite; the last good checkpoint is left as it was."""

@@ -3,6 +3,10 @@
 Data order is a pure function of ``(seed, epoch)``: each epoch shuffles with a ``torch.Generator`` seeded with
 ``seed + epoch``. A checkpoint therefore needs only the epoch and the number of optimizer steps taken in it, plus
 the weights, the optimizer and the RNG states (dropout), to continue exactly where an uninterrupted run would be.
+Checkpoints are written after every epoch (and every ``save_steps`` steps), so a killed run resumes from the last.
+
+A loss, gradient or weight that turns NaN or infinite raises :class:`TrainingDivergedError` before anything more is
+written: the folder keeps the last good checkpoint, and no checkpoint ever holds a non-finite number.
 
 Output folder (``--output``)::
 
@@ -26,12 +30,12 @@ from typing import Optional
 
 import torch
 
-from .adapter import CONFIG_NAME, Adapter, load_training_state, save_adapter, save_training_state
-from ._fs import check_target
+from .adapter import CONFIG_NAME, OWNED, STATE_DIR, Adapter, load_training_state, save_adapter, save_training_state
+from ._fs import _alive, check_target, recover_interrupted
 from .manifest import sha256_file
 from .config import PromptEncoderConfig, TaskType, parse_task
 from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDivergedError
 from .reference import PTuningModel, apply_head_weights, freeze_base, head_modules, head_state, load_base, new_encoder
 
 LOG_NAME = "training_log.json"
@@ -59,6 +63,8 @@ class TrainArgs:
     encoder_dropout: float = field(default=0.0, metadata={"help": "LSTM dropout"})
     epochs: int = field(default=3, metadata={"help": "Passes over the training file"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps"})
+    save_steps: Optional[int] = field(default=None, metadata={"help": "Also checkpoint every N optimizer steps "
+                                                                      "(default: after every epoch only)"})
     batch_size: int = field(default=8, metadata={"help": "Rows per forward pass"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step"})
@@ -72,13 +78,13 @@ class TrainArgs:
         parse_task(self.task)  # raises with the allowed names
         if self.encoder_type.lower() not in ("mlp", "lstm"):
             raise ConfigError(f"encoder_type must be mlp or lstm, got {self.encoder_type!r}")
-        for name in ("num_virtual_tokens", "epochs", "batch_size", "grad_accum", "max_steps", "encoder_hidden_size",
-                     "encoder_num_layers"):
+        for name in ("num_virtual_tokens", "epochs", "batch_size", "grad_accum", "max_steps", "save_steps",
+                     "encoder_hidden_size", "encoder_num_layers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < math.inf):
+            raise ConfigError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         if not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -231,6 +237,7 @@ class _Run:
     steps_in_epoch: int = 0  # optimizer steps already taken in epoch ``epoch`` (mid-epoch checkpoint)
     steps: list = field(default_factory=list)
     evals: list = field(default_factory=list)
+    saved_step: Optional[int] = None  # step of the newest checkpoint on disk, for the divergence message
 
     def say(self, message: str) -> None:
         if not self.args.quiet:
@@ -261,6 +268,8 @@ class _Run:
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
                     if self.step >= total:
                         break
+                    if args.save_steps and self.step % args.save_steps == 0 and self.steps_in_epoch < len(groups):
+                        self.checkpoint(plot=False)  # mid-epoch; the epoch's last step is checkpointed below
                 if self.steps_in_epoch == len(groups):
                     self.epoch += 1
                     self.steps_in_epoch = 0
@@ -275,27 +284,46 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         side = padding_side(self.model)
         total = 0.0
+        where = f"step {self.step + 1} (epoch {self.epoch + 1})"
         for indices in group:
             examples = [self.train_data.examples[i] for i in indices]
             batch = collate(examples, self.task, pad_id=self.info.pad_id, padding_side=side)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with _autocast(self.device, self.amp_dtype):
                 loss = self.model(**batch).loss.float()
+            value = loss.item()
+            if not math.isfinite(value):
+                rows = sorted(e.row for e in examples)  # for when a row, not the rate, is the cause
+                named = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+                raise self.diverged(where, f"the training loss is {value} (rows {named} of {self.args.train_file})")
             scaled = loss / len(group)  # a partial last group still averages over what it has
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total += loss.item()
+            total += value
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the step itself when a (scaled) gradient overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
+        # One check covers the gradients too: AdamW turns a NaN or infinite gradient into a NaN weight.
+        if not _all_finite(p for g in self.optimizer.param_groups for p in g["params"]):
+            raise self.diverged(where, f"a weight is NaN or infinite after the update (a non-finite gradient or an "
+                                       f"overflowing step; the loss was {total / len(group):.6g})")
         return total / len(group)
+
+    def diverged(self, where: str, problem: str) -> TrainingDivergedError:
+        kept = (f"{self.output} keeps the last good checkpoint (step {self.saved_step})"
+                if self.saved_step is not None else f"no checkpoint was written to {self.output}")
+        return TrainingDivergedError(f"training diverged at {where}: {problem}; {kept}; try a lower "
+                                     f"--learning-rate in a new --output (a resume must keep the rate)")
 
     def evaluate_epoch(self, epoch: int, train_loss: Optional[float]) -> None:
         line = "before training" if epoch == 0 else f"epoch {epoch}/{self.args.epochs}: train loss {train_loss:.4f}"
         if self.eval_data is not None:
             metrics = evaluate(self.model, self.eval_data, batch_size=self.args.batch_size, pad_id=self.info.pad_id,
                                device=self.device, autocast_dtype=self.amp_dtype)
+            if not math.isfinite(metrics["loss"]):
+                where = "the start (no step taken)" if epoch == 0 else f"the end of epoch {epoch} (step {self.step})"
+                raise self.diverged(where, f"the held-out loss is {metrics['loss']} on {self.args.eval_file}")
             self.evals.append(dict(epoch=epoch, **metrics))
             name = "accuracy" if "accuracy" in metrics else "perplexity"
             line += f", eval loss {metrics['loss']:.4f}, eval {name} {metrics[name]:.4f}"
@@ -307,11 +335,19 @@ class _Run:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, plot: bool = True) -> None:
         """Training state first, then the adapter, then the log: each write is atomic, and resume reads only the
-        training state, so a crash between two writes loses at most the newest adapter/log, never consistency."""
+        training state, so a crash between two writes loses at most the newest adapter/log, never consistency.
+        ``plot=False`` skips redrawing loss.png (~0.1 s), for frequent mid-epoch checkpoints."""
         weights = dict(self.model.encoder.state_dict())
         weights.update({"head." + k: v for k, v in head_state(self.model.base).items()})
+        adapter = self.adapter()
+        moments = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        for what, values in (("prompt table", [adapter.prompt_embeddings]), ("weights", weights.values()),
+                             ("optimizer state", moments)):
+            if not _all_finite(values):  # finite weights can still overflow in the encoder (the prompt table)
+                where = f"step {self.step} (epoch {self.steps[-1]['epoch'] if self.steps else self.epoch})"
+                raise self.diverged(where, f"the checkpoint's {what} holds NaN or infinite values")
         py_version, py_state, py_gauss = random.getstate()
         rng = {"torch_cpu": torch.get_rng_state(), "python_random": torch.tensor(py_state, dtype=torch.int64)}
         if self.device.type == "cuda":
@@ -322,8 +358,9 @@ class _Run:
         save_training_state(self.output, encoder_state=weights, optimizer_state=self.optimizer.state_dict(),
                             scaler_state=self.scaler.state_dict() if self.scaler is not None else None,
                             meta=meta, rng=rng)
-        save_adapter(self.output, self.adapter())
-        self.write_log()
+        save_adapter(self.output, adapter)
+        self.write_log(plot)
+        self.saved_step = self.step
 
     def restore(self, state: dict) -> None:
         meta, weights = state["meta"], state["encoder"]
@@ -340,9 +377,10 @@ class _Run:
         random.setstate((py["version"], tuple(state["rng"]["python_random"].tolist()), py["gauss_next"]))
         self.step, self.epoch, self.steps_in_epoch = meta["step"], meta["epoch"], meta["steps_in_epoch"]
         self.steps, self.evals = meta["steps"], meta["evals"]
+        self.saved_step = self.step
         self.say(f"resuming from {self.output}: step {self.step}, epoch {self.epoch}")
 
-    def write_log(self) -> None:
+    def write_log(self, plot: bool = True) -> None:
         import transformers
 
         log = {"args": asdict(self.args), "seed": self.args.seed, "task": self.task.value, "labels": self.labels,
@@ -352,12 +390,15 @@ class _Run:
         tmp = self.output / f".{LOG_NAME}.tmp"
         tmp.write_text(json.dumps(log, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, self.output / LOG_NAME)
-        _plot(self.steps, self.evals, self.output / PLOT_NAME)
+        if plot:
+            _plot(self.steps, self.evals, self.output / PLOT_NAME)
 
 
 def _check_output(output: Path, args: TrainArgs) -> Optional[dict]:
     """The checkpoint to resume from, or None for a fresh run; refuses to silently overwrite a checkpoint."""
     check_target(output)  # not the current folder or one above it, not a file
+    recover_interrupted(output)  # a run killed between the two renames of an adapter write left it as .old-PID
+    _recover_carried(output)
     state = load_training_state(output) if output.is_dir() else None
     if args.resume and state is None:
         raise ConfigError(f"--resume given but {output} holds no checkpoint (training_state/state.json)")
@@ -370,6 +411,25 @@ def _check_output(output: Path, args: TrainArgs) -> Optional[dict]:
     return state
 
 
+def _recover_carried(output: Path) -> None:
+    """Put back what a killed checkpoint write had carried out of ``output``.
+
+    ``save_adapter`` replaces the whole folder: it moves our other entries (``training_state/``, the log) into its
+    temporary sibling ``.<name>.tmp-<pid>-*`` and then renames. A kill in between leaves the checkpoint there, where
+    the next write's clean-up of dead writers' folders would delete it. (The general fix belongs in ``_fs``.)
+    """
+    made = set(OWNED) - {STATE_DIR}  # what the adapter write itself creates; anything else in its folder was carried
+    if not output.is_dir():
+        return
+    for tmp in sorted(output.parent.glob(f".{output.name}.tmp-*-*")):
+        pid = tmp.name[len(f".{output.name}.tmp-"):].split("-", 1)[0]
+        if not tmp.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        for entry in tmp.iterdir():
+            if entry.name not in made and not (output / entry.name).exists():
+                os.replace(entry, output / entry.name)
+
+
 def _check_resumable(meta: dict, args: TrainArgs, train_hash: str, output: Path) -> None:
     if meta.get("format") != STATE_FORMAT:
         raise ConfigError(f"checkpoint in {output} has format {meta.get('format')!r}; expected {STATE_FORMAT}")
@@ -380,6 +440,12 @@ def _check_resumable(meta: dict, args: TrainArgs, train_hash: str, output: Path)
                               f"now {getattr(args, name)!r}")
     if meta.get("train_sha256") != train_hash:
         raise ConfigError(f"cannot resume: {args.train_file} differs from the training file of the checkpoint")
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every float tensor (``None`` skipped) is free of NaN and inf; one device sync for all of them."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):

@@ -1,6 +1,10 @@
 """``ptuning-train``: P-tune a frozen base model on a JSONL file (a thin layer over :func:`ptuning_onnx.train.train`).
 
 Torch is imported only after the arguments parse, so ``--help`` and usage errors are instant.
+
+Exit status: 0 trained; 1 training diverged (a NaN or infinite loss, gradient or weight: ``--output`` keeps its last
+good checkpoint, or stays unwritten); 2 bad usage or input (flags, files, data rows, a checkpoint that cannot be
+resumed); 3 internal error (see ``_common``); 130 interrupted. Every failure is one ``error: ...`` line on stderr.
 """
 
 from __future__ import annotations
@@ -10,20 +14,26 @@ import sys
 from typing import Optional
 
 from ..config import CLI_TASKS
-from ._common import run_cli
+from ..errors import TrainingDivergedError
+from ._common import error_message, run_cli
+
+EXIT_FAILED = 1  # the input was usable but the run failed; 2 (bad input) comes from run_cli
 
 TRAIN_TASKS = [name for name in CLI_TASKS if name != "feature-extraction"]  # no training objective for it
 # Defaults mirror TrainArgs (a test checks they agree); duplicated so --help does not import torch.
 DEFAULTS = dict(num_virtual_tokens=20, encoder_type="mlp", encoder_hidden_size=None, encoder_num_layers=2,
-                encoder_dropout=0.0, epochs=3, max_steps=None, batch_size=8, learning_rate=1e-3, grad_accum=1,
-                seed=42, device="auto")
+                encoder_dropout=0.0, epochs=3, max_steps=None, save_steps=None, batch_size=8, learning_rate=1e-3,
+                grad_accum=1, seed=42, device="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptuning-train",
         description="P-tune a frozen base model: trains a prompt encoder (and a new head for classification) and "
-                    "writes a PEFT-format adapter, a resumable checkpoint and a training log to --output.")
+                    "writes a PEFT-format adapter, a resumable checkpoint and a training log to --output.",
+        epilog="exit status: 0 trained; 1 training diverged (NaN or infinite loss, gradient or weight; --output "
+               "keeps its last good checkpoint); 2 bad usage or input; 3 internal error (traceback in a log file); "
+               "130 interrupted. A killed run continues from its last checkpoint with --resume.")
     p.set_defaults(**DEFAULTS)
     req = p.add_argument_group("required")
     req.add_argument("--base-model", required=True, metavar="DIR", help="base model folder (config.json, safetensors)")
@@ -40,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, metavar="N", help="(default: %(default)s)")
     opt.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    opt.add_argument("--save-steps", type=int, metavar="N",
+                     help="also checkpoint every N optimizer steps (default: after every epoch only)")
     opt.add_argument("--batch-size", type=int, metavar="N", help="(default: %(default)s)")
     opt.add_argument("--learning-rate", type=float, metavar="F", help="AdamW (default: %(default)s)")
     opt.add_argument("--grad-accum", type=int, metavar="N", help="batches per optimizer step (default: %(default)s)")
@@ -63,6 +75,9 @@ def main(argv: Optional[list] = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         result = train(TrainArgs(**vars(ns)))
+    except TrainingDivergedError as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         transformers.logging.set_verbosity(verbosity)  # main() is also called in-process (tests, other tools)
     if not ns.quiet:
