@@ -69,8 +69,12 @@ def read_manifest(folder: os.PathLike, *, verify: bool = True) -> dict:
     task = manifest.get("task")
     if task not in TASK_GRAPHS:
         raise ManifestError(f"{path} names unknown task {task!r}")
-    for name in manifest.get("graphs", {}).values():
-        _check_inside(folder, name["file"])
+    for graph in manifest.get("graphs", {}).values():
+        _check_inside(folder, graph["file"])
+        if graph.get("external_data") is not None:
+            _check_inside(folder, graph["external_data"])
+    for name in manifest.get("files") or {}:
+        _check_inside(folder, name)
     if verify:
         verify_files(folder, manifest)
     return manifest
@@ -90,10 +94,14 @@ def verify_files(folder: Path, manifest: dict) -> None:
 
 
 def _check_inside(folder: Path, name: str) -> Path:
-    # A manifest is data from a file: never let it point outside its folder.
-    if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts:
+    """A manifest is data from a file: never let it point outside its folder, by name or by a symlink (a graph's
+    external weights are read by onnxruntime from the file the manifest names)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise ManifestError(f"manifest entry {name!r} points outside {folder}")
-    return folder / name
+    path = folder / name
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise ManifestError(f"{path} is a symlink to {path.resolve()}, outside {folder}; refusing to read it")
+    return path
 
 
 def graph_path(folder: Path, manifest: dict, graph: str) -> Path:

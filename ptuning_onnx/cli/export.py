@@ -24,8 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where parity runs")
     p.add_argument("--optimize", action="store_true", help="fuse attention/layer-norm with onnxruntime's optimizer")
-    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 weight quantization")
-    p.add_argument("--atol", type=float, help="parity tolerance (default 1e-4 fp32, 3e-2 fp16; int8 is held to 5%% of each output's scale)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="int8: dynamic int8 MatMul; int4: weight-only 4-bit MatMulNBits (block 32), lm_head included")
+    p.add_argument("--external-data", action="store_true",
+                   help="always keep weights in <graph>.onnx.data (default: only when over 1 GiB, as protobuf "
+                        "cannot hold 2 GiB)")
+    p.add_argument("--atol", type=float, help="parity tolerance (default 1e-4 fp32, 1e-2 + 2%% of scale fp16); quantized graphs have their own gate "
+                        "(docs/FORMAT.md)")
     p.add_argument("--skip-verify", action="store_true", help="do not run the parity check (not recommended)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
@@ -44,13 +49,15 @@ def main(argv: Optional[list] = None) -> int:
         result = export(args.base_model, args.adapter, args.output, task=args.task, opset=args.opset,
                         dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
                         atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
-                        progress=not args.quiet, exporter=args.exporter)
+                        progress=not args.quiet, exporter=args.exporter,
+                        external_data=True if args.external_data else None)
     except ParityError as exc:
         print(f"error: parity check failed: {exc}", file=sys.stderr)
         return EXIT_PARITY
     summary = {"output": str(result.path), "task": result.manifest["task"]}
     if result.report is not None:
-        summary["parity"] = {"passed": result.report["passed"], "max_abs_diff": result.report["max_abs_diff"]}
+        key = "relative_error" if "relative_error" in result.report else "max_abs_diff"  # quantized: parity_quantized
+        summary["parity"] = {"passed": result.report["passed"], key: result.report[key]}
     print(json.dumps(summary, sort_keys=True))
     return 0
 

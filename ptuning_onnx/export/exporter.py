@@ -25,10 +25,11 @@ from ..adapter import Adapter, load_adapter
 from ..config import TASK_TO_CLI, TaskType, parse_task
 from ..errors import ConfigError, ExportError, ManifestError, ParityError
 from ..reference import PTuningModel, apply_head_weights, head_modules, load_base
-from . import _optimum
+from . import _optimum, graph_io
 from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
 
 DTYPES = ("fp32", "fp16")
+QUANTIZE = (None, "int8", "int4")
 
 
 @dataclass
@@ -106,8 +107,13 @@ def _missing_task():
 def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *, task=None, opset: int = 18,
            dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
            atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
-           progress: bool = True, exporter: str = "auto") -> ExportResult:
-    """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity."""
+           progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None) -> ExportResult:
+    """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity.
+
+    ``quantize``: None, ``"int8"`` (dynamic int8 MatMul) or ``"int4"`` (weight-only 4-bit MatMulNBits).
+    ``external_data``: weights in ``<graph>.onnx.data`` beside each graph; None (default) decides by size, since
+    protobuf cannot hold more than 2 GiB.
+    """
     from ..parity import check_parity, default_atol, default_rtol
 
     output = _check_output(output, overwrite)
@@ -121,8 +127,12 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ConfigError(f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider; "
                               "install onnxruntime-gpu (in place of onnxruntime) or verify with --device cpu")
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"unknown quantization {quantize!r}; expected int8")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"unknown quantization {quantize!r}; expected one of: {', '.join(QUANTIZE[1:])}")
+    if dtype == "fp16" and quantize:
+        raise ConfigError(f"--quantize {quantize} works on fp32 graphs; drop --dtype fp16")
+    if external_data not in (None, True, False):
+        raise ConfigError(f"external_data must be None, True or False, got {external_data!r}")
     if not isinstance(opset, int) or not 14 <= opset <= 21:
         raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
     route = _resolve_route(exporter)
@@ -135,39 +145,52 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     tmp = temp_beside(output)
     try:
         with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {route})"):
-            graphs = _export_graphs(ref, tmp, opset, route)
+            graphs = _export_graphs(ref, tmp, opset, route, external_data)
         if dtype == "fp16":
             with log.step("converting graphs to fp16"):
                 for spec in graphs:
-                    _to_fp16(tmp / f"{spec.name}.onnx")
+                    _to_fp16(tmp / f"{spec.name}.onnx", external_data)
+        exact = None
+        if quantize and not skip_verify:
+            # A quantized graph cannot be held to 1e-4; the graph it is made from can, and that is where a wrong
+            # prompt, wrong positions or a dropped virtual token are caught whatever the size of their effect.
+            fp32 = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
+                                   None, False, route)
+            with log.step(f"verifying the fp32 graph against PyTorch before quantizing (atol {default_atol():g})"):
+                exact = _verified(lambda: check_parity(tmp, ref, fp32, atol=default_atol(), device=device), output)
         if optimize or quantize:
             with log.step("optimizing graphs" + (f" and quantizing to {quantize}" if quantize else "")):
                 from .optimize import optimize_graph
 
                 for spec in graphs:
-                    optimize_graph(tmp / f"{spec.name}.onnx", ref, fuse=optimize, quantize=quantize)
+                    optimize_graph(tmp / f"{spec.name}.onnx", fuse=optimize, quantize=quantize,
+                                   external_data=external_data)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimize, route)
         report = None
         if not skip_verify:
-            tolerance = atol if atol is not None else default_atol(dtype, quantize)
-            rtol = default_rtol(dtype, quantize)
-            bound = f"atol {tolerance:g}" + (f", rtol {rtol:g}" if rtol else "")
-            with log.step(f"verifying parity against PyTorch ({bound})"):
-                try:
-                    report = check_parity(tmp, ref, manifest, atol=tolerance, rtol=rtol, device=device)
-                except ParityError as exc:
-                    failed = output.with_name(output.name + ".parity-report.json")
-                    if getattr(exc, "report", None) is not None:
-                        failed.write_text(json.dumps(exc.report, indent=2, sort_keys=True))
-                        exc.args = (f"{exc.args[0]} (report: {failed})",)
-                    raise
+            if quantize:
+                from ..parity_quantized import REL_LIMIT, check_quantized
+
+                with log.step(f"verifying the {quantize} graph against PyTorch (teacher-forced, error <= "
+                              f"{REL_LIMIT:g} of the prompt's effect)"):
+                    report = _verified(lambda: check_quantized(tmp, ref, manifest, device=device, exact=exact),
+                                       output)
+                invariance = exact["padding_invariant"] if exact else {"passed": True, "max_abs_diff": {}}
+            else:
+                tolerance = atol if atol is not None else default_atol(dtype)
+                rtol = default_rtol(dtype)
+                bound = f"atol {tolerance:g}" + (f", rtol {rtol:g}" if rtol else "")
+                with log.step(f"verifying parity against PyTorch ({bound})"):
+                    report = _verified(lambda: check_parity(tmp, ref, manifest, atol=tolerance, rtol=rtol,
+                                                            device=device), output)
+                invariance = report["padding_invariant"]
             manifest["parity"] = report
-            manifest["model"]["padding_invariant"] = report["padding_invariant"]["passed"]
-            if not report["padding_invariant"]["passed"]:
+            manifest["model"]["padding_invariant"] = invariance["passed"]
+            if not invariance["passed"]:
                 warnings.warn(f"{ref.base.config.model_type}: a padded row does not give what it gives alone "
-                              f"(max diff {max(report['padding_invariant']['max_abs_diff'].values()):.3g}); the "
+                              f"(max diff {max(invariance['max_abs_diff'].values()):.3g}); the "
                               "runtime will refuse padded batches for this export", stacklevel=2)
         # Written last: a folder without a manifest never looks like a finished export.
         mf.write_manifest(tmp, manifest)
@@ -176,6 +199,18 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(output, manifest, report)
+
+
+def _verified(check, output: Path) -> dict:
+    """Run a parity ``check``; on failure write ``<output>.parity-report.json`` and name it in the error."""
+    try:
+        return check()
+    except ParityError as exc:
+        failed = output.with_name(output.name + ".parity-report.json")
+        if getattr(exc, "report", None) is not None:
+            failed.write_text(json.dumps(exc.report, indent=2, sort_keys=True))
+            exc.args = (f"{exc.args[0]} (report: {failed})",)
+        raise
 
 
 def _check_output(output: os.PathLike, overwrite: bool) -> Path:
@@ -228,7 +263,8 @@ def _dynamic_shapes(wrapper, spec: GraphSpec, example) -> tuple:
     return tuple(shapes)
 
 
-def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str) -> list[GraphSpec]:
+def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str,
+                   external_data: Optional[bool] = None) -> list[GraphSpec]:
     task = ref.task
     if route != "dynamo":
         _optimum.onnx_config(ref.base, task)  # raises a clear ExportError for unsupported architecture/task pairs
@@ -262,30 +298,18 @@ def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str) -> l
             except Exception as exc:
                 raise ExportError(f"tracing {spec.name} of '{ref.base.config.model_type}' failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
-        if spec.defaults:
-            _add_defaults(path, spec.defaults)
+        # Optional inputs get their default as an initializer of the same name (ONNX IR >= 4 semantics), and the
+        # weights land in the graph or in one data file beside it (graph_io).
+        graph_io.finalize(path, defaults=spec.defaults, external=external_data)
         specs.append(spec)
     return specs
 
 
-def _add_defaults(path: Path, defaults: dict) -> None:
-    """Give optional inputs a default: an initializer with the input's name (ONNX IR >= 4 semantics)."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    for name, value in defaults.items():
-        model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
-    onnx.save(model, str(path))
-
-
-def _to_fp16(path: Path) -> None:
-    import onnx
+def _to_fp16(path: Path, external_data: Optional[bool]) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    onnx.save(model, str(path))
+    model = convert_float_to_float16(graph_io.load(path), keep_io_types=False, disable_shape_infer=True)
+    graph_io.save(model, path, external=external_data)
 
 
 def _copy_side_files(base_dir: Path, ref: PTuningModel, folder: Path) -> None:
@@ -301,25 +325,35 @@ def _copy_side_files(base_dir: Path, ref: PTuningModel, folder: Path) -> None:
                       stacklevel=3)
 
 
-def _io(session_io) -> list:
-    return [{"name": x.name, "type": x.type, "shape": [d if isinstance(d, int) else str(d) for d in x.shape]}
-            for x in session_io]
+def _io(values) -> list:
+    """[{name, type, shape}] from ONNX ValueInfos, in onnxruntime's spelling ("tensor(float)", dim names)."""
+    from onnx import TensorProto
+
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        out.append({"name": value.name, "type": f"tensor({TensorProto.DataType.Name(tensor.elem_type).lower()})",
+                    "shape": [d if isinstance(d, int) else str(d) for d in shape]})
+    return out
 
 
 def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter_dir: Path, adapter_cfg,
                     opset, dtype, quantize, optimize, route) -> dict:
-    import onnxruntime as ort
-
     cfg = ref.base.config
     graphs = {}
     for spec in specs:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the optional-input initializer warning is expected
-        session = ort.InferenceSession(str(folder / f"{spec.name}.onnx"), options, providers=["CPUExecutionProvider"])
-        # Optional inputs (an initializer of the same name) are listed by onnxruntime apart from the inputs.
-        inputs = session.get_inputs() + session.get_overridable_initializers()
-        graphs[spec.name] = {"file": f"{spec.name}.onnx", "inputs": _io(inputs),
-                             "outputs": _io(session.get_outputs()), "defaults": spec.defaults}
+        # Read from the graph's structure alone: a session would load (and pack) every weight of a large model.
+        graph = graph_io.load(folder / f"{spec.name}.onnx", data=False).graph
+        # onnxruntime lists optional inputs (an initializer of the same name) apart, after the required ones.
+        initialized = {t.name for t in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initialized] + [i for i in graph.input if i.name in initialized]
+        entry = {"file": f"{spec.name}.onnx", "inputs": _io(inputs), "outputs": _io(graph.output),
+                 "defaults": spec.defaults}
+        data = folder / graph_io.data_name(folder / entry["file"])
+        if data.exists():
+            entry["external_data"] = data.name
+        graphs[spec.name] = entry
     limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions") if getattr(cfg, k, None)), None)
     files = [p.name for p in folder.iterdir() if p.is_file() and p.name != mf.MANIFEST_NAME]
     decoder_layers = getattr(cfg, "num_decoder_layers", None)

@@ -1,0 +1,119 @@
+"""The quantized gate (parity_quantized.py, docs/FORMAT.md): int8 and int4 exports pass it with default flags, and
+it still fails a wrong prompt, a prompt at the wrong positions and a graph that drops one virtual token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import MODELS, TASKS
+
+from ptuning_onnx.errors import ParityError
+from ptuning_onnx.export import export, wrappers
+from ptuning_onnx.export.exporter import load_reference
+from ptuning_onnx.parity import perturbed
+from ptuning_onnx.parity_quantized import REL_LIMIT, check_quantized
+from ptuning_onnx import manifest as mf
+from ptuning_onnx.reference import PTuningModel
+
+
+@pytest.mark.parametrize("quantize,task", [("int8", "causal-lm"), ("int4", "causal-lm"), ("int4", "causal-lm-llama"), ("int4", "seq-cls"),
+                                           ("int8", "causal-lm-llama"), ("int8", "seq2seq-lm"), ("int8", "token-cls")])
+def test_quantized_exports_pass_the_gate(peft_adapters, tmp_path, quantize, task):
+    result = export(MODELS / TASKS[task][0], peft_adapters[task], tmp_path / "out", quantize=quantize,
+                    progress=False)
+    report = result.report
+    assert report["gate"] == "quantized" and report["passed"]
+    # The graph it was made from passed the exact gate first, and that report is kept.
+    assert report["fp32_exact"]["passed"] and max(report["fp32_exact"]["max_abs_diff"].values()) < 1e-4
+    assert all(0 < v <= REL_LIMIT for v in report["relative_error"].values())  # really quantized, inside the gate
+    assert all(v > REL_LIMIT for v in report["negative_control"]["relative_error"].values())
+    assert result.manifest["quantize"] == quantize and result.manifest["parity"] == report
+    graph = mf.graph_path(result.path, result.manifest, next(iter(result.manifest["graphs"])))
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(graph)).graph.node}
+    assert ("MatMulNBits" if quantize == "int4" else "MatMulInteger") in ops
+
+
+def test_int4_quantizes_the_lm_head(peft_adapters, tmp_path):
+    import onnx
+
+    result = export(MODELS / "llama", peft_adapters["causal-lm-llama"], tmp_path / "out", quantize="int4",
+                    progress=False)
+    graph = onnx.load(str(result.path / "model.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    assert producers["logits"].op_type == "MatMulNBits"  # the lm_head, the largest matmul of a small-vocab model
+    assert not any(node.op_type == "MatMul" and any(i in {t.name for t in graph.initializer} for i in node.input)
+                   for node in graph.node)  # no constant-weight MatMul left in fp32
+
+
+def test_wrong_prompt_fails_the_quantized_gate(peft_adapters, tmp_path):
+    """The quantized check on its own: the same int4 graph measured against another prompt's reference fails."""
+    result = export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", progress=False)
+    ref = load_reference(MODELS / "gpt2", peft_adapters["causal-lm"])
+    with pytest.raises(ParityError, match="prompt's own effect") as info:
+        check_quantized(result.path, perturbed(ref, seed=7), result.manifest)
+    assert max(info.value.report["relative_error"].values()) > REL_LIMIT
+
+
+def _drop_first_virtual_token(monkeypatch):
+    original = wrappers.CausalLMGraph.__init__
+
+    def init(self, ref):
+        table = ref.prompt_embeds(1)[0, 1:].detach().clone()
+        original(self, PTuningModel(ref.base, table, ref.task).eval())
+
+    monkeypatch.setattr(wrappers.CausalLMGraph, "__init__", init)
+
+
+def _user_positions_from_zero(monkeypatch):
+    original = wrappers.CausalLMGraph.__init__
+
+    def init(self, ref):
+        original(self, ref)
+        self.offset -= self.n  # the user's first token at position 0, on top of the prompt
+
+    monkeypatch.setattr(wrappers.CausalLMGraph, "__init__", init)
+
+
+@pytest.mark.parametrize("defect", [_drop_first_virtual_token, _user_positions_from_zero])
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_quantized_export_fails_a_graph_with_a_defect(peft_adapters, tmp_path, monkeypatch, defect, quantize):
+    """Defects whose effect is smaller than int4 noise on a random tiny Llama (dropping one of 5 virtual tokens;
+    the user's positions overlapping the prompt's) are caught by the exact gate the fp32 graph must pass before it
+    is quantized; the export fails and leaves nothing."""
+    defect(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(ParityError, match="differs from the PyTorch reference"):
+        export(MODELS / "llama", peft_adapters["causal-lm-llama"], out, quantize=quantize, progress=False)
+    assert not out.exists()
+    report = json.loads((tmp_path / "out.parity-report.json").read_text())
+    assert report["passed"] is False and "max_abs_diff" in report
+
+
+def test_verify_reruns_the_quantized_gate_and_catches_the_wrong_adapter(peft_adapters, tmp_path, capsys):
+    from conftest import make_peft_adapter
+
+    from ptuning_onnx.cli import verify as verify_cli
+    from ptuning_onnx.parity import verify
+
+    out = export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int8", progress=False).path
+    assert verify(out)["passed"]
+    other = make_peft_adapter(tmp_path / "other", MODELS / "gpt2", "CAUSAL_LM", "AutoModelForCausalLM", seed=3)[1]
+    with pytest.raises(ParityError, match="prompt's own effect"):
+        verify(out, base_model=MODELS / "gpt2", adapter=other)
+    assert verify_cli.main([str(out), "--base-model", str(MODELS / "gpt2"), "--adapter", str(other)]) == 1
+    assert "prompt's own effect" in capsys.readouterr().err
+    assert verify_cli.main([str(out), "--report", str(tmp_path / "r.json")]) == 0
+    assert "relative_error" in json.loads(capsys.readouterr().out)
+
+
+def test_quantize_with_fp16_is_refused(peft_adapters, tmp_path):
+    from ptuning_onnx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp32"):
+        export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", dtype="fp16")
+    with pytest.raises(ConfigError, match="int2"):
+        export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int2")
+    assert not (tmp_path / "out").exists()
