@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .config import TaskType
-from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, _check_names, _failure, _Graphs, _positions, _run_outputs,
-                     _t, perturbed)
+from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, ReferenceMemo, _check_names, _failure, _Graphs, _positions,
+                     _run_outputs, _t, perturbed, reference_case, reference_greedy)
 from .reference import PTuningModel
 
 REL_LIMIT = 0.75
@@ -55,25 +55,6 @@ class _Errors:
 
     def ratios(self, store: dict) -> dict:
         return {k: (np.sqrt(v / self.effect[k]) if self.effect[k] > 0 else float("inf")) for k, v in store.items()}
-
-
-@torch.no_grad()
-def _reference_outputs(ref: PTuningModel, runs) -> list:
-    """The reference's outputs for each parity case, named like the graph's."""
-    out = []
-    for case, _ in runs:
-        ids, mask = _t(case[0]), _t(case[1])
-        if ref.task == TaskType.CAUSAL_LM:
-            out.append({"logits": ref(ids, mask).logits.float().numpy()})
-        elif ref.task == TaskType.SEQ_2_SEQ_LM:
-            r = ref(ids, mask, decoder_input_ids=_t(case[2]))
-            out.append({"last_hidden_state": r.encoder_last_hidden_state.float().numpy(),
-                        "logits": r.logits.float().numpy()})
-        else:
-            r = ref(ids, mask, None if case[2] is None else _t(case[2]))
-            key = "last_hidden_state" if ref.task == TaskType.FEATURE_EXTRACTION else "logits"
-            out.append({key: r[key].float().numpy()})
-    return out
 
 
 @torch.no_grad()
@@ -120,10 +101,12 @@ def _forced_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, tok
 
 
 def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = "cpu", seed: int = 0,
-                    rel_limit: float = REL_LIMIT, exact: Optional[dict] = None) -> dict:
+                    rel_limit: float = REL_LIMIT, exact: Optional[dict] = None,
+                    memo: Optional[ReferenceMemo] = None) -> dict:
     """Gate a quantized folder; return the report, or raise ``ParityError`` (with ``.report``).
 
-    ``exact``: the fp32 graph's exact parity report from before quantization, kept in this report."""
+    ``exact``: the fp32 graph's exact parity report from before quantization, kept in this report. ``memo``: the
+    reference outputs the exact gate computed on the same inputs, reused."""
     from pathlib import Path
 
     ref = ref.eval()
@@ -136,10 +119,16 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
         report.update(passed=False, problems=problems)
         raise _failure("names differ: " + "; ".join(problems), report)
     control_ref = perturbed(ref, seed)
+    memo = memo if memo is not None else ReferenceMemo()
     runs = _run_outputs(graphs, manifest, task, seed)
     errors = _Errors()
-    for (case, out), want, ctrl in zip(runs, _reference_outputs(ref, runs), _reference_outputs(control_ref, runs)):
+    for case, out in runs:
+        arrays = [c for c in case if c is not None]
+        want = memo.get("reference", "case", arrays, lambda case=case: reference_case(ref, case))
+        ctrl = memo.get("control", "case", arrays, lambda case=case: reference_case(control_ref, case))
         for name in want:
+            if name == "present":
+                continue  # the cache is exercised by the teacher-forced steps below
             where = case[1] if name == "logits" and task in (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS) else None
             if name == "last_hidden_state" and task == TaskType.FEATURE_EXTRACTION:
                 where = case[1]
@@ -147,10 +136,12 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
             errors.add(name, got, want[name], ctrl[name], where)
     if task in (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM):
         ids, mask = next((c for c, _ in runs if c[0].shape[0] == 3 and c[0].shape[1] == 7), runs[-1][0])[:2]
-        tokens = ref.greedy(_t(ids), _t(mask), GREEDY_STEPS).numpy()
-        got = _forced_onnx(graphs, manifest, task, ids, mask, tokens)
-        errors.add("greedy_logits", got, _forced_reference(ref, ids, mask, tokens),
-                   _forced_reference(control_ref, ids, mask, tokens))
+        # The reference's greedy logits ARE its teacher-forced logits along its own tokens.
+        tokens, want = memo.get("reference", "greedy", [ids, mask],
+                                lambda: reference_greedy(ref, ids, mask, GREEDY_STEPS))
+        ctrl = memo.get("control", "forced", [ids, mask, tokens],
+                        lambda: _forced_reference(control_ref, ids, mask, tokens))
+        errors.add("greedy_logits", _forced_onnx(graphs, manifest, task, ids, mask, tokens), want, ctrl)
         report["greedy_steps"] = GREEDY_STEPS
     rel, control = errors.ratios(errors.err), errors.ratios(errors.control)
     passed = all(v <= rel_limit for v in rel.values())

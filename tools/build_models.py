@@ -111,7 +111,7 @@ def _learn_wordpiece_vocab(
     known = set(vocab)
 
     def word_pairs(seq: list[str]) -> Counter[tuple[str, str]]:
-        return Counter(zip(seq, seq[1:]))
+        return Counter(zip(seq, seq[1:], strict=False))
 
     pairs: Counter[tuple[str, str]] = Counter()
     where: dict[tuple[str, str], set[str]] = {}

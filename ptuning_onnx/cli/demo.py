@@ -90,9 +90,9 @@ def main(argv: Optional[list] = None) -> int:
     model = runtime.load(work / "onnx", provider="cpu")
     rows = _read_jsonl(test_file)
     predictions = model.classify([row["text"] for row in rows])
-    onnx_accuracy = sum(p["label"] == row["label"] for p, row in zip(predictions, rows)) / len(rows)
+    onnx_accuracy = sum(p["label"] == row["label"] for p, row in zip(predictions, rows, strict=True)) / len(rows)
     say(f"   ONNX held-out accuracy: {onnx_accuracy:.1%} (PyTorch: {after:.1%})")
-    for row, p in list(zip(rows, predictions))[:3]:
+    for row, p in list(zip(rows, predictions, strict=True))[:3]:
         say(f"   {p['label']:>8} {p['score']:.2f}  {row['text']}")
     print(json.dumps({"accuracy_before": before, "accuracy_after": after, "onnx_accuracy": onnx_accuracy,
                       "parity_max_abs_diff": max(report["max_abs_diff"].values()), "output": str(work)},

@@ -83,8 +83,8 @@ def _run(model, ns) -> dict:
     if model.task == "token-cls":
         if texts is None:
             logits = model.forward(ids, mask)["logits"]
-            return {"labels": [[model.id2label.get(int(i), f"LABEL_{int(i)}") for i, m in zip(row, mrow) if m]
-                               for row, mrow in zip(logits.argmax(-1), mask)]}
+            return {"labels": [[model.id2label.get(int(i), f"LABEL_{int(i)}") for i, m in zip(row, mrow, strict=True) if m]
+                               for row, mrow in zip(logits.argmax(-1), mask, strict=True)]}
         return {"results": model.tag(texts)}
     vectors = model.embed(arg, pooling=ns.pooling, **inputs)
     return {"embeddings": np.asarray(vectors, dtype=np.float64).round(6).tolist()}

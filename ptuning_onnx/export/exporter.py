@@ -114,7 +114,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     ``external_data``: weights in ``<graph>.onnx.data`` beside each graph; None (default) decides by size, since
     protobuf cannot hold more than 2 GiB.
     """
-    from ..parity import check_parity, default_atol, default_rtol
+    from ..parity import ReferenceMemo, check_parity, default_atol, default_rtol
 
     output = _check_output(output, overwrite)
     if dtype not in DTYPES:
@@ -151,13 +151,15 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                 for spec in graphs:
                     _to_fp16(tmp / f"{spec.name}.onnx", external_data)
         exact = None
+        memo = ReferenceMemo()  # the exact and the quantized gate share the reference's outputs
         if quantize and not skip_verify:
             # A quantized graph cannot be held to 1e-4; the graph it is made from can, and that is where a wrong
             # prompt, wrong positions or a dropped virtual token are caught whatever the size of their effect.
             fp32 = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    None, False, route)
             with log.step(f"verifying the fp32 graph against PyTorch before quantizing (atol {default_atol():g})"):
-                exact = _verified(lambda: check_parity(tmp, ref, fp32, atol=default_atol(), device=device), output)
+                exact = _verified(lambda: check_parity(tmp, ref, fp32, atol=default_atol(), device=device,
+                                                        memo=memo), output)
         if optimize or quantize:
             with log.step("optimizing graphs" + (f" and quantizing to {quantize}" if quantize else "")):
                 from .optimize import optimize_graph
@@ -175,8 +177,8 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
 
                 with log.step(f"verifying the {quantize} graph against PyTorch (teacher-forced, error <= "
                               f"{REL_LIMIT:g} of the prompt's effect)"):
-                    report = _verified(lambda: check_quantized(tmp, ref, manifest, device=device, exact=exact),
-                                       output)
+                    report = _verified(lambda: check_quantized(tmp, ref, manifest, device=device, exact=exact,
+                                                            memo=memo), output)
                 invariance = exact["padding_invariant"] if exact else {"passed": True, "max_abs_diff": {}}
             else:
                 tolerance = atol if atol is not None else default_atol(dtype)
@@ -258,7 +260,7 @@ def _dynamic_shapes(wrapper, spec: GraphSpec, example) -> tuple:
 
     names = iter(spec.inputs)
     shapes = []
-    for _, value in zip(inspect.signature(wrapper.forward).parameters, example):
+    for _, value in zip(inspect.signature(wrapper.forward).parameters, example, strict=False):
         shapes.append([axes(next(names)) for _ in value] if isinstance(value, (list, tuple)) else axes(next(names)))
     return tuple(shapes)
 
