@@ -6,7 +6,8 @@ the weights, the optimizer and the RNG states (dropout), to continue exactly whe
 Checkpoints are written after every epoch (and every ``save_steps`` steps), so a killed run resumes from the last.
 
 A loss, gradient or weight that turns NaN or infinite raises :class:`TrainingDivergedError` before anything more is
-written: the folder keeps the last good checkpoint, and no checkpoint ever holds a non-finite number.
+written: the folder keeps the last good checkpoint, and no checkpoint ever holds a non-finite number. What a
+checkpoint holds, and how it is written and checked, is in checkpoint.py.
 
 Output folder (``--output``)::
 
@@ -19,7 +20,6 @@ Output folder (``--output``)::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -30,21 +30,17 @@ from typing import Optional
 
 import torch
 
-from .adapter import CONFIG_NAME, OWNED, STATE_DIR, Adapter, load_training_state, save_adapter, save_training_state
-from ._fs import _alive, check_target, recover_interrupted
+from .adapter import Adapter
+from .checkpoint import (LOG_NAME, PLOT_NAME, RUN_DEFINING, STATE_FORMAT, all_finite, check_output, check_resumable,
+                         load_checkpoint, model_weights, non_finite_part, save_checkpoint)
 from .manifest import sha256_file
 from .config import PromptEncoderConfig, TaskType, parse_task
 from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
 from .errors import ConfigError, TrainingDivergedError
-from .reference import PTuningModel, apply_head_weights, freeze_base, head_modules, head_state, load_base, new_encoder
+from .reference import PTuningModel, freeze_base, head_modules, head_state, load_base, new_encoder
 
-LOG_NAME = "training_log.json"
-PLOT_NAME = "loss.png"
-STATE_FORMAT = 1
-# Arguments that define the optimisation trajectory; a resume that changes one would not match any single run.
-# epochs, max_steps, eval_file, device and quiet may change between runs.
-RUN_DEFINING = ("task", "num_virtual_tokens", "encoder_type", "encoder_hidden_size", "encoder_num_layers",
-                "encoder_dropout", "batch_size", "learning_rate", "grad_accum", "seed", "mixed_precision")
+__all__ = ["LOG_NAME", "PLOT_NAME", "RUN_DEFINING", "STATE_FORMAT", "TrainArgs", "TrainResult", "epoch_order",
+           "evaluate", "resolve_device", "train"]
 
 
 @dataclass
@@ -167,7 +163,7 @@ def train(args: TrainArgs) -> TrainResult:
     task = parse_task(args.task)
     output = Path(args.output)
     device = resolve_device(args.device)
-    state = _check_output(output, args)
+    state = check_output(output, resume=args.resume)
 
     # Everything about the data is checked before the model is even loaded.
     if not (Path(args.base_model) / "config.json").is_file():
@@ -182,7 +178,7 @@ def train(args: TrainArgs) -> TrainResult:
                                    labels=labels)
     train_hash = sha256_file(args.train_file)
     if state is not None:
-        _check_resumable(state["meta"], args, train_hash, output)
+        check_resumable(state["meta"], asdict(args), train_hash, output)
 
     with _deterministic(device):
         random.seed(args.seed)
@@ -305,7 +301,7 @@ class _Run:
         else:
             self.optimizer.step()
         # One check covers the gradients too: AdamW turns a NaN or infinite gradient into a NaN weight.
-        if not _all_finite(p for g in self.optimizer.param_groups for p in g["params"]):
+        if not all_finite(p for g in self.optimizer.param_groups for p in g["params"]):
             raise self.diverged(where, f"a weight is NaN or infinite after the update (a non-finite gradient or an "
                                        f"overflowing step; the loss was {total / len(group):.6g})")
         return total / len(group)
@@ -333,119 +329,32 @@ class _Run:
         return Adapter(config=self.config, prompt_embeddings=self.model.encoder.bake().cpu(),
                        head_weights=head_state(self.model.base), labels=self.labels)
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------
+    # ---- checkpoints (see checkpoint.py) ---------------------------------------------------------------------
 
     def checkpoint(self, plot: bool = True) -> None:
-        """Training state first, then the adapter, then the log: each write is atomic, and resume reads only the
-        training state, so a crash between two writes loses at most the newest adapter/log, never consistency.
-        ``plot=False`` skips redrawing loss.png (~0.1 s), for frequent mid-epoch checkpoints."""
-        weights = dict(self.model.encoder.state_dict())
-        weights.update({"head." + k: v for k, v in head_state(self.model.base).items()})
+        """Write the checkpoint (training state, adapter, log); ``plot=False`` skips redrawing loss.png."""
+        weights = model_weights(self.model)
         adapter = self.adapter()
-        moments = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        for what, values in (("prompt table", [adapter.prompt_embeddings]), ("weights", weights.values()),
-                             ("optimizer state", moments)):
-            if not _all_finite(values):  # finite weights can still overflow in the encoder (the prompt table)
-                where = f"step {self.step} (epoch {self.steps[-1]['epoch'] if self.steps else self.epoch})"
-                raise self.diverged(where, f"the checkpoint's {what} holds NaN or infinite values")
-        py_version, py_state, py_gauss = random.getstate()
-        rng = {"torch_cpu": torch.get_rng_state(), "python_random": torch.tensor(py_state, dtype=torch.int64)}
-        if self.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {"format": STATE_FORMAT, "step": self.step, "epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch,
-                "steps": self.steps, "evals": self.evals, "args": asdict(self.args), "train_sha256": self.train_hash,
-                "python_random": {"version": py_version, "gauss_next": py_gauss}}
-        save_training_state(self.output, encoder_state=weights, optimizer_state=self.optimizer.state_dict(),
-                            scaler_state=self.scaler.state_dict() if self.scaler is not None else None,
-                            meta=meta, rng=rng)
-        save_adapter(self.output, adapter)
-        self.write_log(plot)
+        bad = non_finite_part(adapter, weights, self.optimizer)
+        if bad is not None:
+            where = f"step {self.step} (epoch {self.steps[-1]['epoch'] if self.steps else self.epoch})"
+            raise self.diverged(where, f"the checkpoint's {bad} holds NaN or infinite values")
+        meta = {"step": self.step, "epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch, "steps": self.steps,
+                "evals": self.evals, "args": asdict(self.args), "train_sha256": self.train_hash}
+        log = {"args": asdict(self.args), "seed": self.args.seed, "task": self.task.value, "labels": self.labels,
+               "step": self.step, "epochs_completed": self.epoch, "steps": self.steps, "evals": self.evals,
+               "train_sha256": self.train_hash}
+        save_checkpoint(self.output, weights=weights, adapter=adapter, optimizer=self.optimizer, scaler=self.scaler,
+                        device=self.device, meta=meta, log=log, plot=plot)
         self.saved_step = self.step
 
     def restore(self, state: dict) -> None:
-        meta, weights = state["meta"], state["encoder"]
-        head = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
-        self.model.encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")})
-        apply_head_weights(self.model.base, head)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(state["rng"]["torch_cpu"])
-        if self.device.type == "cuda" and "torch_cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["torch_cuda"], self.device)
-        py = meta["python_random"]
-        random.setstate((py["version"], tuple(state["rng"]["python_random"].tolist()), py["gauss_next"]))
+        meta = load_checkpoint(state, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                               device=self.device)
         self.step, self.epoch, self.steps_in_epoch = meta["step"], meta["epoch"], meta["steps_in_epoch"]
         self.steps, self.evals = meta["steps"], meta["evals"]
         self.saved_step = self.step
         self.say(f"resuming from {self.output}: step {self.step}, epoch {self.epoch}")
-
-    def write_log(self, plot: bool = True) -> None:
-        import transformers
-
-        log = {"args": asdict(self.args), "seed": self.args.seed, "task": self.task.value, "labels": self.labels,
-               "step": self.step, "epochs_completed": self.epoch, "steps": self.steps, "evals": self.evals,
-               "train_sha256": self.train_hash,
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-        tmp = self.output / f".{LOG_NAME}.tmp"
-        tmp.write_text(json.dumps(log, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.output / LOG_NAME)
-        if plot:
-            _plot(self.steps, self.evals, self.output / PLOT_NAME)
-
-
-def _check_output(output: Path, args: TrainArgs) -> Optional[dict]:
-    """The checkpoint to resume from, or None for a fresh run; refuses to silently overwrite a checkpoint."""
-    check_target(output)  # not the current folder or one above it, not a file
-    recover_interrupted(output)  # a run killed between the two renames of an adapter write left it as .old-PID
-    _recover_carried(output)
-    state = load_training_state(output) if output.is_dir() else None
-    if args.resume and state is None:
-        raise ConfigError(f"--resume given but {output} holds no checkpoint (training_state/state.json)")
-    if not args.resume and state is not None:
-        raise ConfigError(f"{output} already holds a training checkpoint; pass --resume to continue it, or choose "
-                          f"another --output")
-    if state is None and (output / CONFIG_NAME).is_file():
-        raise ConfigError(f"{output} already holds an adapter ({CONFIG_NAME}) that training would overwrite; "
-                          f"choose another --output")
-    return state
-
-
-def _recover_carried(output: Path) -> None:
-    """Put back what a killed checkpoint write had carried out of ``output``.
-
-    ``save_adapter`` replaces the whole folder: it moves our other entries (``training_state/``, the log) into its
-    temporary sibling ``.<name>.tmp-<pid>-*`` and then renames. A kill in between leaves the checkpoint there, where
-    the next write's clean-up of dead writers' folders would delete it. (The general fix belongs in ``_fs``.)
-    """
-    made = set(OWNED) - {STATE_DIR}  # what the adapter write itself creates; anything else in its folder was carried
-    if not output.is_dir():
-        return
-    for tmp in sorted(output.parent.glob(f".{output.name}.tmp-*-*")):
-        pid = tmp.name[len(f".{output.name}.tmp-"):].split("-", 1)[0]
-        if not tmp.is_dir() or not pid.isdigit() or _alive(int(pid)):
-            continue
-        for entry in tmp.iterdir():
-            if entry.name not in made and not (output / entry.name).exists():
-                os.replace(entry, output / entry.name)
-
-
-def _check_resumable(meta: dict, args: TrainArgs, train_hash: str, output: Path) -> None:
-    if meta.get("format") != STATE_FORMAT:
-        raise ConfigError(f"checkpoint in {output} has format {meta.get('format')!r}; expected {STATE_FORMAT}")
-    saved = meta.get("args", {})
-    for name in RUN_DEFINING:
-        if name in saved and saved[name] != getattr(args, name):
-            raise ConfigError(f"cannot resume: --{name.replace('_', '-')} was {saved[name]!r} in the checkpoint, "
-                              f"now {getattr(args, name)!r}")
-    if meta.get("train_sha256") != train_hash:
-        raise ConfigError(f"cannot resume: {args.train_file} differs from the training file of the checkpoint")
-
-
-def _all_finite(tensors) -> bool:
-    """Whether every float tensor (``None`` skipped) is free of NaN and inf; one device sync for all of them."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
-    return not flags or bool(torch.stack(flags).all())
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -464,22 +373,6 @@ def _deterministic(device: torch.device):
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
-def _plot(steps: list, evals: list, path: Path) -> None:
-    try:
-        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-    except ImportError:
-        return
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss (per step)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
