@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Benchmark the torch-free runtime side by side with its baselines, in one run; prints a markdown table.
 
+The comparison with the other ways to run a model (PEFT, optimum, onnxruntime-genai; int8/int4) and issue 8's
+goals is ``ptuning-bench`` (ptuning_onnx/bench/; ratios there are ours / theirs). This tool stays for the
+runtime's own diagnostics, which ptuning-bench does not cover: its Python overhead against a bare ``session.run``
+loop, ``logits_to_keep``, and CUDA / fp16 runs on a GPU machine.
+
     python tools/bench_runtime.py                      # tiny GPT-2 from models/ (seconds)
     python tools/bench_runtime.py --model-size small   # GPT-2-small shape (768 x 12 layers), random weights (~2 min)
     python tools/bench_runtime.py --provider cuda --dtype fp16 --skip-peft
@@ -101,7 +106,7 @@ def numpy_loop(session, ids, new_tokens: int):
     past = [n for n in feed if n.startswith("past_key_values.")]
     out_tokens = []
     for _ in range(new_tokens):
-        out = dict(zip(names, session.run(None, feed)))
+        out = dict(zip(names, session.run(None, feed), strict=True))
         token = out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
         out_tokens.append(token)
         mask = np.concatenate([mask, np.ones_like(token)], 1)
