@@ -153,14 +153,16 @@ def _run_case(graphs: _Graphs, task: TaskType, ids, mask, dec_ids=None) -> tuple
     return (ids, mask, types), graphs.run("model", feed)
 
 
-def _run_outputs(graphs: _Graphs, manifest: dict, task: TaskType, seed: int):
-    """Run every case through onnxruntime once; returns [(case, onnx outputs)]."""
+def _run_outputs(graphs: _Graphs, manifest: dict, task: TaskType, seed: int, batches=BATCHES):
+    """Run every case (of the given batch sizes) through onnxruntime once; returns [(case, onnx outputs)]. The
+    cases are drawn in the same order whatever ``batches`` keeps, so a subset has the same inputs."""
     cfg = manifest["model"]
     vocab, limit = cfg["vocab_size"], cfg["max_user_tokens"]
     results = []
     for ids, mask in _cases(vocab, None if limit is None else limit - GREEDY_STEPS, cfg["padding_side"], seed):
         dec_ids = np.random.default_rng(seed + 1).integers(0, vocab, size=(ids.shape[0], 3), dtype=np.int64)
-        results.append(_run_case(graphs, task, ids, mask, dec_ids))
+        if ids.shape[0] in batches:
+            results.append(_run_case(graphs, task, ids, mask, dec_ids))
     return results
 
 

@@ -7,7 +7,7 @@ questions a quantized export must answer, and the export asks them in this order
 1. Before quantizing, the fp32 graph passes the EXACT gate (``parity.check_parity``, 1e-4). That is where a wrong
    prompt, wrong positions or a dropped virtual token are caught with certainty, however small their effect.
    Quantization then rewrites MatMul weights only.
-2. The quantized graph (this module): on the same unseen shapes and padded rows, and along the reference's greedy
+2. The quantized graph (this module): on the padded 3-row cases of lengths 1, 7 and 33, and along the reference's greedy
    tokens fed to both sides (teacher forcing, through the KV cache), the error
    ``||onnx - reference||`` must be at most ``REL_LIMIT`` of the prompt's own effect
    ``||reference with a perturbed prompt - reference||``, output by output. Random and trained weights are
@@ -120,7 +120,9 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
         raise _failure("names differ: " + "; ".join(problems), report)
     control_ref = perturbed(ref, seed)
     memo = memo if memo is not None else ReferenceMemo()
-    runs = _run_outputs(graphs, manifest, task, seed)
+    # The padded 3-row cases (lengths 1, 7, 33): every shape was already checked exactly on the fp32 graph, and the
+    # reference's outputs for these are in the memo from that check, so a 1B model pays only the control's.
+    runs = _run_outputs(graphs, manifest, task, seed, batches=(max(BATCHES),))
     errors = _Errors()
     for case, out in runs:
         arrays = [c for c in case if c is not None]
