@@ -2,7 +2,8 @@
 
 Both loops are generators of one token column per step, so ``generate`` collects them and ``stream`` yields them.
 The KV cache goes from one step's ``present.*`` straight into the next step's ``past_key_values.*`` without a copy
-(device OrtValues on CUDA, onnxruntime-owned numpy buffers on CPU: see session.py); the past is never recomputed. Everything here lives for one call.
+(device OrtValues on CUDA, onnxruntime-owned numpy buffers on CPU: see session.py); the past is never recomputed.
+Everything here lives for one call.
 
 Processor order follows transformers: repetition penalty, then (sampling only) temperature, top-k, top-p.
 Shapes: B = batch, V = vocab, L = user tokens so far.
@@ -18,6 +19,7 @@ from .session import GraphRunner
 from .validation import GenerationParams
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_F32_MAX = np.finfo(np.float32).max
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -71,7 +73,11 @@ class TokenChooser:
         if self.seen is not None and scores.shape[-1] == self.seen.shape[-1]:
             penalty = np.float32(self.p.repetition_penalty)
             hit = scores[self.seen]
-            scores[self.seen] = np.where(hit < 0, hit * penalty, hit / penalty)
+            # An extreme penalty overflows to +-inf, and a +inf would make the softmax NaN: clip to float32's range,
+            # which keeps the order (the penalised tokens still rank last, or first for a penalty < 1).
+            with np.errstate(over="ignore"):
+                scores[self.seen] = np.where(hit < 0, hit * penalty, hit / penalty)
+            np.clip(scores, -_F32_MAX, _F32_MAX, out=scores)
         tokens = self._sample(scores) if self.p.do_sample else scores.argmax(-1)
         tokens = np.where(self.finished, self.pad_id, tokens).astype(np.int64)
         if self.seen is not None:
@@ -82,9 +88,15 @@ class TokenChooser:
         return tokens
 
     def _sample(self, scores: np.ndarray) -> np.ndarray:
-        p = self.p
+        p, rng = self.p, self.rng
+        if rng is None:  # __init__ makes one whenever do_sample, the only caller's condition
+            raise RuntimeError("TokenChooser._sample called without do_sample")
         if p.temperature != 1.0:
-            scores /= np.float32(p.temperature)
+            # Shift first, so the best token sits at 0 and a tiny temperature can only push the others to -inf
+            # (probability 0) instead of overflowing every logit to +-inf and the softmax to NaN.
+            with np.errstate(over="ignore"):
+                scores -= scores.max(-1, keepdims=True)
+                scores /= np.float32(p.temperature)
         if p.top_k is not None and p.top_k < scores.shape[-1]:
             kth = np.partition(scores, -p.top_k, axis=-1)[:, -p.top_k, None]
             scores[scores < kth] = -np.inf  # ties with the k-th are kept, as in transformers
@@ -98,7 +110,7 @@ class TokenChooser:
         probs = _softmax(scores)
         cumulative = np.cumsum(probs, -1)
         # Inverse CDF with a threshold in (0, total]: a zero-probability token can never be picked.
-        threshold = (1.0 - self.rng.random(scores.shape[0]))[:, None] * cumulative[:, -1:]
+        threshold = (1.0 - rng.random((scores.shape[0], 1))) * cumulative[:, -1:]  # same draws as random(B)
         return np.minimum((cumulative < threshold).sum(-1), scores.shape[-1] - 1)
 
 

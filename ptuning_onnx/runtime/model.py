@@ -22,8 +22,8 @@ from ..errors import ManifestError
 from . import generation as gen
 from .session import build_sessions, log
 from .tokenizer import load_tokenizer, require
-from .validation import (AttentionMaskError, GenerationParams, InputError, check_batch, check_length, check_texts,
-                         eos_ids)
+from .validation import (AttentionMaskError, GenerationParams, InputError, check_batch, check_length,
+                         check_new_tokens, check_texts, eos_ids)
 
 POOLINGS = ("mean", "cls")
 STREAM_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed"}
@@ -85,8 +85,8 @@ class RuntimeModel:
             check_length(ids.shape[1], new_tokens, self.max_user_tokens)
         else:  # encoder-decoder: the input fills the encoder's positions, new tokens the decoder's
             check_length(ids.shape[1], 0, self.max_user_tokens)
-            if self.max_user_tokens is not None:
-                check_length(new_tokens, 0, self.max_user_tokens + self.num_virtual_tokens)
+            limit = self.max_user_tokens
+            check_new_tokens(new_tokens, None if limit is None else limit + self.num_virtual_tokens)
         return ids, mask, encoded, single
 
     def _encoder_feed(self, ids: np.ndarray, mask: np.ndarray) -> dict:
@@ -110,7 +110,7 @@ class RuntimeModel:
             if "position_ids" in gen.graph_inputs(session):  # absent where the model has no positions (ALiBi)
                 feed["position_ids"] = gen.positions(mask)
         names = [o.name for o in session.get_outputs() if not o.name.startswith("present.")]
-        return dict(zip(names, session.run(names, feed)))
+        return dict(zip(names, session.run(names, feed), strict=True))
 
 
 class _Generative(RuntimeModel):
@@ -148,7 +148,7 @@ class _Generative(RuntimeModel):
                              self.pad_token_id)
         if not texts:
             return tokens
-        decoded = self.tokenizer.decode_batch(tokens)
+        decoded = require(self.tokenizer, self.path).decode_batch(tokens)
         return decoded[0] if single else decoded
 
     def stream(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 20, **kwargs):
@@ -175,10 +175,12 @@ class _Generative(RuntimeModel):
             yield int(token[0])
 
     def _text_pieces(self, steps, params) -> Iterator[str]:
-        tokens, sent = [], ""
+        tokenizer = require(self.tokenizer, self.path)
+        tokens: list[int] = []
+        sent = ""
         for token in steps:
             tokens.append(int(token[0]))
-            text = self.tokenizer.decode(tokens)
+            text = tokenizer.decode(tokens)
             # A byte-level BPE token can end inside a UTF-8 character: hold it back until the character completes.
             if text.endswith("\ufffd"):
                 continue
@@ -187,7 +189,7 @@ class _Generative(RuntimeModel):
             sent = text
             if tokens[-1] in params.eos_token_ids:
                 return
-        text = self.tokenizer.decode(tokens)
+        text = tokenizer.decode(tokens)
         if text != sent and text.startswith(sent):
             yield text[len(sent):]
 
@@ -247,7 +249,7 @@ class SequenceClassifier(_Labelled):
         logits = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask))[0]  # (B, num_labels)
         scores = self._scores(logits)
         out = [{"label": self._label(int(row.argmax())), "score": float(s[row.argmax()]),
-                "logits": [float(v) for v in row]} for row, s in zip(logits, scores)]
+                "logits": [float(v) for v in row]} for row, s in zip(logits, scores, strict=True)]
         return out[0] if single else out
 
 
@@ -286,8 +288,10 @@ class FeatureExtractor(RuntimeModel):
               normalize: bool = False) -> np.ndarray:
         """float32 (B, hidden) (or (hidden,) for one string): ``mean`` over the real user tokens, or ``cls``, the
         first user token. Virtual tokens are never pooled (the graph does not output them)."""
-        if pooling not in POOLINGS:
+        if not isinstance(pooling, str) or pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise InputError(f"normalize must be True or False, got {normalize!r}")
         ids, mask, _, single = self._batch(texts, input_ids, attention_mask)
         hidden = self.sessions["model"].run(["last_hidden_state"], self._encoder_feed(ids, mask))[0]  # (B, L, H)
         hidden = hidden.astype(np.float32)

@@ -83,19 +83,20 @@ def build_sessions(paths: dict, provider: str = "auto", threads: Optional[int] =
     if want_cuda:
         _preload_cuda_libraries()
         try:
-            sessions = _create(paths, options, [(CUDA, {"device_id": device_id}), CPU])
-            got = {name: s.get_providers() for name, s in sessions.items()}
+            cuda_sessions = _create(paths, options, [(CUDA, {"device_id": device_id}), CPU])
         except SessionLoadError as exc:
             if kind == "cuda":
                 raise ProviderError(f"provider='cuda' failed: {exc}") from None
-            sessions, got = None, str(exc)
-        if sessions is not None and all(p[0] == CUDA for p in got.values()):
-            log.info("ptuning_onnx.runtime: using CUDAExecutionProvider (device %d)", device_id)
-            return sessions, "cuda", device_id
-        if kind == "cuda":
-            raise ProviderError(f"provider='cuda' but onnxruntime fell back to {got}; a CUDA library is probably "
-                                f"missing (see onnxruntime.preload_dlls())")
-        log.warning("ptuning_onnx.runtime: CUDAExecutionProvider did not load (%s); using CPU", got)
+            log.warning("ptuning_onnx.runtime: CUDAExecutionProvider did not load (%s); using CPU", exc)
+        else:
+            got = {name: s.get_providers() for name, s in cuda_sessions.items()}
+            if all(p[0] == CUDA for p in got.values()):
+                log.info("ptuning_onnx.runtime: using CUDAExecutionProvider (device %d)", device_id)
+                return cuda_sessions, "cuda", device_id
+            if kind == "cuda":
+                raise ProviderError(f"provider='cuda' but onnxruntime fell back to {got}; a CUDA library is "
+                                    f"probably missing (see onnxruntime.preload_dlls())")
+            log.warning("ptuning_onnx.runtime: CUDAExecutionProvider did not load (%s); using CPU", got)
     sessions = _create(paths, options, [CPU])
     log.info("ptuning_onnx.runtime: using CPUExecutionProvider")
     return sessions, "cpu", 0
@@ -131,19 +132,18 @@ class GraphRunner:
         self._binding = session.io_binding() if device == "cuda" or self.force_binding else None
 
     def run(self, inputs: dict, to_host: Iterable[str] = ("logits",)) -> tuple[dict, dict]:
-        to_host = set(to_host)
+        wanted = set(to_host)
         if self._binding is None:
-            return self._run_cpu(inputs, to_host)
-        return self._run_bound(inputs, to_host)
+            return self._run_cpu(inputs, wanted)
+        return self._run_bound(self._binding, inputs, wanted)
 
     def _run_cpu(self, inputs: dict, to_host: set) -> tuple[dict, dict]:
         outputs = self.session.run(self.output_names, {name: _contiguous(v) for name, v in inputs.items()})
-        return dict(zip(self.output_names, outputs)), {}
+        return dict(zip(self.output_names, outputs, strict=True)), {}
 
-    def _run_bound(self, inputs: dict, to_host: set) -> tuple[dict, dict]:
+    def _run_bound(self, io, inputs: dict, to_host: set) -> tuple[dict, dict]:
         from onnxruntime import OrtValue
 
-        io = self._binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         # bind_cpu_input keeps only a raw pointer to numpy memory, and cannot bind an optional input (an
@@ -165,7 +165,7 @@ class GraphRunner:
 
     def _split(self, outputs, to_host: set) -> tuple[dict, dict]:
         host, kept = {}, {}
-        for name, value in zip(self.output_names, outputs):
+        for name, value in zip(self.output_names, outputs, strict=True):
             if name in to_host:
                 host[name] = value.numpy()
             else:

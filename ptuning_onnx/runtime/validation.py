@@ -16,6 +16,15 @@ import numpy as np
 from ..errors import PtuningError
 
 
+# A model without a position limit (T5's relative positions, ALiBi) still needs a cap: generate() allocates its
+# (batch, max_new_tokens) output up front, so an unbounded count is a MemoryError or a hang, never an answer.
+UNBOUNDED_MAX_NEW_TOKENS = 1 << 16
+# The logits processors compute in float32 (as transformers does): temperature and repetition_penalty must be
+# float32 numbers that are neither 0 nor inf there.
+_F32 = np.finfo(np.float32)
+_F32_RANGE = f"[{float(_F32.tiny):.3g}, {float(_F32.max):.3g}]"
+
+
 class InputError(PtuningError, ValueError):
     """Bad input to a runtime call."""
 
@@ -74,8 +83,8 @@ def check_batch(input_ids, attention_mask, *, vocab_size: int, padding_side: Opt
             raise AttentionMaskError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape "
                                      f"{list(ids.shape)}")
         if not np.isin(mask, (0, 1)).all():
-            bad = sorted(set(np.unique(mask).tolist()) - {0, 1})[:5]
-            raise AttentionMaskError(f"attention_mask must hold only 0 and 1, found {bad}")
+            others = sorted(set(np.unique(mask).tolist()) - {0, 1})[:5]
+            raise AttentionMaskError(f"attention_mask must hold only 0 and 1, found {others}")
         mask = mask.astype(np.int64)
     empty = np.flatnonzero(mask.sum(-1) == 0)
     if empty.size:
@@ -91,11 +100,31 @@ def check_batch(input_ids, attention_mask, *, vocab_size: int, padding_side: Opt
 
 
 def check_length(length: int, max_new_tokens: int, limit: Optional[int]) -> None:
-    """``length`` user tokens (padded width) plus ``max_new_tokens`` must fit ``limit`` (None: no limit)."""
-    if limit is not None and length + max_new_tokens > limit:
+    """``length`` user tokens (padded width) plus ``max_new_tokens`` must fit ``limit`` (None: no position limit,
+    and then ``max_new_tokens`` is capped at ``UNBOUNDED_MAX_NEW_TOKENS``)."""
+    length, max_new_tokens = int(length), int(max_new_tokens)  # Python ints: numpy integers wrap around
+    if limit is None:
+        _check_cap(max_new_tokens)
+    elif length + max_new_tokens > limit:
         extra = f" + max_new_tokens {max_new_tokens}" if max_new_tokens else ""
         raise SequenceLengthError(f"input length {length}{extra} = {length + max_new_tokens} exceeds the model's "
                                   f"limit of {limit} user tokens (its positions minus the virtual tokens)")
+
+
+def check_new_tokens(max_new_tokens: int, limit: Optional[int]) -> None:
+    """An encoder-decoder's new tokens fill the decoder's own positions: at most ``limit`` (None: the cap)."""
+    max_new_tokens = int(max_new_tokens)
+    if limit is None:
+        _check_cap(max_new_tokens)
+    elif max_new_tokens > limit:
+        raise SequenceLengthError(f"max_new_tokens {max_new_tokens} exceeds the decoder's limit of {limit} positions")
+
+
+def _check_cap(max_new_tokens: int) -> None:
+    if max_new_tokens > UNBOUNDED_MAX_NEW_TOKENS:
+        raise SequenceLengthError(f"max_new_tokens {max_new_tokens} exceeds {UNBOUNDED_MAX_NEW_TOKENS}, the cap for a "
+                                  "model without a position limit (the output is allocated as (batch, "
+                                  "max_new_tokens))")
 
 
 @dataclass(frozen=True)
@@ -112,14 +141,18 @@ class GenerationParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
+        # Each value is checked, then stored as a plain Python number: numpy integers wrap around (a uint64
+        # max_new_tokens passed the length check as 2, -np.uint64(top_k) is huge), and np.isfinite refuses ints too
+        # big for a float and Fractions.
         n = self.max_new_tokens
         if not _is_int(n) or n < 1:
             raise GenerationConfigError(f"max_new_tokens must be an integer >= 1, got {n!r}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise GenerationConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
         t = self.temperature
-        if not _is_real(t) or not np.isfinite(t) or t <= 0:
-            raise GenerationConfigError(f"temperature must be a finite number > 0, got {t!r}")
+        if _float32_positive(t) is None:
+            raise GenerationConfigError(f"temperature must be a number in {_F32_RANGE} (> 0 and finite in float32), "
+                                        f"got {t!r}")
         k = self.top_k
         if k is not None and (not _is_int(k) or k < 1):
             raise GenerationConfigError(f"top_k must be an integer >= 1 or None, got {k!r}")
@@ -127,10 +160,17 @@ class GenerationParams:
         if p is not None and (not _is_real(p) or not 0 < p <= 1):
             raise GenerationConfigError(f"top_p must be in (0, 1] or None, got {p!r}")
         r = self.repetition_penalty
-        if r is not None and (not _is_real(r) or not np.isfinite(r) or r <= 0):
-            raise GenerationConfigError(f"repetition_penalty must be a finite number > 0 or None, got {r!r}")
+        if r is not None and _float32_positive(r) is None:
+            raise GenerationConfigError(f"repetition_penalty must be a number in {_F32_RANGE} (> 0 and finite in "
+                                        f"float32) or None, got {r!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise GenerationConfigError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        normal = dict(max_new_tokens=int(n), do_sample=bool(self.do_sample), temperature=_float32_positive(t),
+                      top_k=None if k is None else int(k), top_p=None if p is None else float(p),
+                      repetition_penalty=None if r is None else _float32_positive(r),
+                      seed=None if self.seed is None else int(self.seed))
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 def eos_ids(value, default, vocab_size: int) -> tuple:
@@ -139,7 +179,8 @@ def eos_ids(value, default, vocab_size: int) -> tuple:
         value = default
     if value is None:
         return ()
-    values = [value] if _is_int(value) else list(value) if isinstance(value, Sequence) else None
+    sequence = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    values = [value] if _is_int(value) else list(value) if sequence else None
     if values is None or not all(_is_int(v) and 0 <= v < vocab_size for v in values):
         raise GenerationConfigError(f"eos_token_id must be an id in [0, {vocab_size}), a list of them, or None; "
                                     f"got {value!r}")
@@ -149,12 +190,24 @@ def eos_ids(value, default, vocab_size: int) -> tuple:
 def check_texts(texts) -> tuple[list, bool]:
     """``texts`` as a list, and whether a single string was given."""
     if isinstance(texts, str):
+        _check_unicode(texts, 0)
         return [texts], True
     if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+        for row, text in enumerate(texts):
+            _check_unicode(text, row)
         return list(texts), False
     if isinstance(texts, (list, tuple)) and not texts:
         raise EmptyInputError("no texts given (an empty list)")
     raise InputError(f"texts must be a string or a non-empty list of strings, got {type(texts).__name__}")
+
+
+def _check_unicode(text: str, row: int) -> None:
+    # A lone surrogate ("\ud800") is a valid Python str but not Unicode text; tokenizers raises TypeError on it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"text {row} is not valid Unicode: {exc.reason} {text[exc.start:exc.end]!r} at character "
+                         f"{exc.start}") from None
 
 
 def _as_int_array(value, name: str, allow_bool: bool = False) -> np.ndarray:
@@ -166,16 +219,32 @@ def _as_int_array(value, name: str, allow_bool: bool = False) -> np.ndarray:
         raise EmptyInputError(f"{name} is empty: shape {list(arr.shape)}")
     if arr.dtype == np.bool_ and allow_bool:
         return arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":  # not np.issubdtype(..., np.integer): that admits timedelta64 (and NaT)
         raise InputDtypeError(f"{name} must have an integer dtype, got {arr.dtype}")
     if arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
-        raise TokenIdError(f"{name} holds {int(arr.max())}, which does not fit int64")
+        error = TokenIdError if name == "input_ids" else AttentionMaskError
+        raise error(f"{name} holds {int(arr.max())}, which does not fit int64")
     return arr.astype(np.int64, copy=False)
 
 
+# numpy's timedelta64 is a numbers.Integral (NaT included, which int() refuses); a duration is not a count.
+_NOT_NUMBERS = (bool, np.bool_, np.timedelta64)
+
+
 def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, numbers.Integral) and not isinstance(value, _NOT_NUMBERS)
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, numbers.Real) and not isinstance(value, _NOT_NUMBERS)
+
+
+def _float32_positive(value) -> Optional[float]:
+    """``value`` as a float when it is a real number in float32's normal positive range, else None."""
+    if not _is_real(value):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):  # an int too big for a float; a Real that will not convert
+        return None
+    return number if float(_F32.tiny) <= number <= float(_F32.max) else None
