@@ -10,7 +10,8 @@ questions a quantized export must answer, and the export asks them in this order
 2. The quantized graph (this module): on the padded 3-row cases of lengths 1, 7 and 33, and along the reference's greedy
    tokens fed to both sides (teacher forcing, through the KV cache), the error
    ``||onnx - reference||`` must be at most ``REL_LIMIT`` of the prompt's own effect
-   ``||reference with a perturbed prompt - reference||``, output by output. Random and trained weights are
+   ``||reference with a perturbed prompt - reference||``, output by output (logits centred per position, since
+   softmax ignores a shift shared by all classes). Random and trained weights are
    judged alike, because both sides of the ratio scale with the model. The negative control measures the graph
    against the perturbed reference; it must land above the same limit.
 
@@ -27,7 +28,7 @@ import torch
 
 from .config import TaskType
 from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, ReferenceMemo, _check_names, _failure, _Graphs, _positions,
-                     _run_outputs, _t, perturbed, reference_case, reference_greedy)
+                     _run_case, _run_outputs, _t, perturbed, reference_case, reference_greedy)
 from .reference import PTuningModel
 
 REL_LIMIT = 0.75
@@ -44,6 +45,9 @@ class _Errors:
 
     def add(self, name: str, got: np.ndarray, want: np.ndarray, ctrl: np.ndarray, where=None) -> None:
         got, want, ctrl = (np.asarray(x, np.float64) for x in (got, want, ctrl))
+        if name.endswith("logits"):
+            # Softmax ignores a shift shared by all classes; so does this measure (it matters with 2 labels).
+            got, want, ctrl = (x - x.mean(-1, keepdims=True) for x in (got, want, ctrl))
         if where is not None:
             keep = where.astype(bool)
             got, want, ctrl = got[keep], want[keep], ctrl[keep]
@@ -54,7 +58,8 @@ class _Errors:
             self.top1[name] = (hits + int((got.argmax(-1) == want.argmax(-1)).sum()), count + got[..., 0].size)
 
     def ratios(self, store: dict) -> dict:
-        return {k: (np.sqrt(v / self.effect[k]) if self.effect[k] > 0 else float("inf")) for k, v in store.items()}
+        return {k: (float(np.sqrt(v / self.effect[k])) if self.effect[k] > 0 else float("inf"))
+                for k, v in store.items()}
 
 
 @torch.no_grad()
@@ -68,6 +73,22 @@ def _forced_reference(ref: PTuningModel, ids, mask, tokens) -> np.ndarray:
     full = np.concatenate([ids, tokens[:, :-1]], 1)
     full_mask = np.concatenate([mask, np.ones_like(tokens[:, :-1])], 1)
     return ref(_t(full), _t(full_mask)).logits[:, -steps:].float().numpy()
+
+
+def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
+    """(ids, mask) of ``rows`` random rows, every third one padded on the model's padding side."""
+    cfg = manifest["model"]
+    rng = np.random.default_rng(seed + 2)
+    length = min(length, cfg["max_user_tokens"] or length)
+    ids = rng.integers(0, cfg["vocab_size"], size=(rows, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for row in range(0, rows, 3):
+        real = max(1, length - 1 - row % length)
+        if cfg["padding_side"] == "left":
+            mask[row, : length - real] = 0
+        else:
+            mask[row, real:] = 0
+    return ids, mask
 
 
 def _forced_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, tokens) -> np.ndarray:
@@ -123,6 +144,10 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
     # The padded 3-row cases (lengths 1, 7, 33): every shape was already checked exactly on the fp32 graph, and the
     # reference's outputs for these are in the memo from that check, so a 1B model pays only the control's.
     runs = _run_outputs(graphs, manifest, task, seed, batches=(max(BATCHES),))
+    if task == TaskType.SEQ_CLS:
+        # A classifier gives one row of a few logits per input: 3 rows of 2 labels are 3 numbers once centred, too
+        # few for a norm to mean anything. Add 16 rows (cheap: the graph pools one position).
+        runs.append(_run_case(graphs, task, *_many_rows(manifest, seed)))
     errors = _Errors()
     for case, out in runs:
         arrays = [c for c in case if c is not None]
@@ -161,6 +186,9 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
         raise _failure(f"quantized graph differs from the PyTorch reference by more than {rel_limit:g} of the "
                        f"prompt's own effect: {worst}", report)
     if not control_failed:
-        raise _failure("negative control passed: the graph is as close to a perturbed prompt's reference as the "
-                       "limit allows, so this check cannot see the prompt", report)
+        close = ", ".join(f"{k} {rel[k]:.2f} vs {control[k]:.2f}" for k in rel)
+        raise _failure(f"negative control passed: the {manifest.get('quantize')} graph is about as close to a "
+                       f"perturbed prompt's outputs as to its own prompt's ({close}, in units of the prompt's "
+                       "effect), so quantization erases what the prompt does on this model; use int8 or fp32",
+                       report)
     return report

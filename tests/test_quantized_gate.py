@@ -18,7 +18,7 @@ from ptuning_onnx.reference import PTuningModel
 
 
 @pytest.mark.parametrize("quantize,task", [("int8", "causal-lm"), ("int4", "causal-lm"), ("int4", "causal-lm-llama"), ("int4", "seq-cls"),
-                                           ("int8", "causal-lm-llama"), ("int8", "seq2seq-lm"), ("int8", "token-cls")])
+                                           ("int8", "causal-lm-llama"), ("int8", "seq2seq-lm"), ("int8", "seq-cls")])
 def test_quantized_exports_pass_the_gate(peft_adapters, tmp_path, quantize, task):
     result = export(MODELS / TASKS[task][0], peft_adapters[task], tmp_path / "out", quantize=quantize,
                     progress=False)
@@ -116,4 +116,12 @@ def test_quantize_with_fp16_is_refused(peft_adapters, tmp_path):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", dtype="fp16")
     with pytest.raises(ConfigError, match="int2"):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantization_that_swamps_the_prompt_is_refused_with_the_reason(peft_adapters, tmp_path):
+    """On the tiny BERT (hidden 64) the prompt moves the per-token logits less than int8 noise does: the gate
+    refuses, and says by how much, rather than ship a graph that cannot be shown to carry the prompt."""
+    with pytest.raises(ParityError, match=r"by more than 0.75 of the prompt's own effect: logits=\d"):
+        export(MODELS / "bert", peft_adapters["token-cls"], tmp_path / "out", quantize="int8", progress=False)
     assert not (tmp_path / "out").exists()
