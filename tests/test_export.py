@@ -411,3 +411,20 @@ def test_dtype_and_optimization_passes_keep_parity(peft_adapters, tmp_path, opti
 
         graph = onnx.load(str(tmp_path / "out" / next(iter(result.manifest["graphs"].values()))["file"])).graph
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+
+
+@pytest.mark.parametrize("task,quantize", [("causal-lm", None), ("seq-cls", None), ("causal-lm-llama", "int4")])
+def test_optimize_fuses_times_and_keeps_the_faster(peft_adapters, tmp_path, task, quantize):
+    """--optimize: onnxruntime's fusions are applied, fused and unfused graphs are timed on the task's workload, the
+    faster is kept and the decision is in the manifest; parity runs on what was kept (and int4 on top of it)."""
+    import onnx
+
+    result = export(MODELS / TASKS[task][0], peft_adapters[task], tmp_path / "out", optimize=True, quantize=quantize,
+                    progress=False)
+    decision = result.manifest["optimization"]
+    assert result.report["passed"] and decision["fused_ops"]["model"]
+    assert decision["kept"] == ("fused" if decision["ms"]["fused"] < decision["ms"]["unfused"] else "unfused")
+    assert result.manifest["optimized"] == (decision["kept"] == "fused")
+    ops = {node.op_type for node in onnx.load(str(result.path / "model.onnx")).graph.node}
+    assert bool(ops & set(decision["fused_ops"]["model"])) == (decision["kept"] == "fused")
+    assert sorted(p.name for p in result.path.iterdir()) == sorted([*result.manifest["files"], "ptuning_onnx.json"])

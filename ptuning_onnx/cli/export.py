@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where parity runs")
-    p.add_argument("--optimize", action="store_true", help="fuse attention/layer-norm with onnxruntime's optimizer")
+    p.add_argument("--optimize", action="store_true",
+                   help="onnxruntime's transformer fusions (layer norms, GELU, rotary, attention where it matches), "
+                        "kept only if they time faster on this model; the decision goes in the manifest")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="int8: dynamic int8 MatMul; int4: weight-only 4-bit MatMulNBits (block 32), lm_head included")
     p.add_argument("--external-data", action="store_true",

@@ -146,6 +146,13 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     try:
         with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {route})"):
             graphs = _export_graphs(ref, tmp, opset, route, external_data)
+        optimization = None
+        if optimize:
+            with log.step("fusing graphs (onnxruntime's transformer fusions), timing fused against unfused"):
+                from .fusion import fuse
+
+                optimization = fuse(tmp, [spec.name for spec in graphs], ref.base.config, task,
+                                    external_data=external_data)
         if dtype == "fp16":
             with log.step("converting graphs to fp16"):
                 for spec in graphs:
@@ -156,20 +163,19 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
             # A quantized graph cannot be held to 1e-4; the graph it is made from can, and that is where a wrong
             # prompt, wrong positions or a dropped virtual token are caught whatever the size of their effect.
             fp32 = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
-                                   None, False, route)
+                                   None, optimization, route)
             with log.step(f"verifying the fp32 graph against PyTorch before quantizing (atol {default_atol():g})"):
                 exact = _verified(lambda: check_parity(tmp, ref, fp32, atol=default_atol(), device=device,
                                                         memo=memo), output)
-        if optimize or quantize:
-            with log.step("optimizing graphs" + (f" and quantizing to {quantize}" if quantize else "")):
-                from .optimize import optimize_graph
+        if quantize:
+            with log.step(f"quantizing graphs to {quantize}"):
+                from .optimize import quantize_graph
 
                 for spec in graphs:
-                    optimize_graph(tmp / f"{spec.name}.onnx", fuse=optimize, quantize=quantize,
-                                   external_data=external_data)
+                    quantize_graph(tmp / f"{spec.name}.onnx", quantize, external_data=external_data)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
-                                   quantize, optimize, route)
+                                   quantize, optimization, route)
         report = None
         if not skip_verify:
             if quantize:
@@ -341,7 +347,7 @@ def _io(values) -> list:
 
 
 def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter_dir: Path, adapter_cfg,
-                    opset, dtype, quantize, optimize, route) -> dict:
+                    opset, dtype, quantize, optimization, route) -> dict:
     cfg = ref.base.config
     graphs = {}
     for spec in specs:
@@ -390,7 +396,8 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
         "opset": opset,
         "dtype": dtype,
         "quantize": quantize,
-        "optimized": bool(optimize),
+        "optimized": bool(optimization and optimization.get("kept") == "fused"),
+        "optimization": optimization,
         "exporter": route,
         "versions": _optimum.versions(),
         "files": mf.hash_files(folder, files),

@@ -1,4 +1,4 @@
-"""Optional post-export passes: portable graph optimization, dynamic int8 and weight-only int4 quantization.
+"""Quantization passes: dynamic int8 and weight-only int4 (``--optimize``'s fusions are in fusion.py).
 
 Each rewrites the graph in place, external data included (graph_io); parity then runs on the rewritten graph, so
 a pass that changes results fails the export like any other mismatch. Each pass holds the graph in memory once:
@@ -21,47 +21,13 @@ INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 
 
-def optimize_graph(path: Path, *, fuse: bool = True, quantize: Optional[str] = None,
-                   external_data: Optional[bool] = None) -> None:
-    if fuse:
-        _basic_optimize(path)
+def quantize_graph(path: Path, quantize: str, *, external_data: Optional[bool] = None) -> None:
     if quantize == "int8":
         _quantize_int8(path, external_data)
     elif quantize == "int4":
         _quantize_int4(path, external_data)
-
-
-def _basic_optimize(path: Path) -> None:
-    """onnxruntime's BASIC level (constant folding, redundant-node elimination): provider-independent, so the
-    saved graph runs on CPU and CUDA alike. Higher levels may emit CPU-only fused ops."""
-    import onnxruntime as ort
-
-    tmp = path.with_name(path.stem + ".opt.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(tmp)
-    options.log_severity_level = 3
-    if graph_io.is_external(path):
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         graph_io.data_name(tmp))
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                         str(graph_io.SIZE_THRESHOLD))
-    try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ExportError(f"onnxruntime could not optimize {path.name}: {exc}") from exc
-    _check_inputs_kept(path, tmp)
-    graph_io.move(tmp, path)
-
-
-def _check_inputs_kept(original: Path, optimized: Path) -> None:
-    """Constant folding may bake an optional input's default in and drop the input: refuse such a graph."""
-    before = graph_io.load(original, data=False)
-    after = graph_io.load(optimized, data=False)
-    names = {i.name for i in after.graph.input}
-    lost = [i.name for i in before.graph.input if i.name not in names]
-    if lost:
-        raise ExportError(f"optimization removed graph inputs {lost}")
+    else:
+        raise ExportError(f"unknown quantization {quantize!r}")
 
 
 def _quantize_int8(path: Path, external_data: Optional[bool]) -> None:

@@ -1,0 +1,128 @@
+"""``--optimize``: onnxruntime's transformer fusions, kept only where they measure faster.
+
+onnxruntime's optimizer (``onnxruntime.transformers.optimizer``) rewrites known subgraphs into contrib ops that
+exist on the CPU and the CUDA provider alike: LayerNormalization / SkipLayerNormalization and their RMS forms
+(SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization), Gelu / FastGelu, RotaryEmbedding, and attention
+where its pattern matches. Whether the fused graph runs faster depends on the model family (onnxruntime already
+fuses some of the same patterns when it loads a session), so each export measures both on the task's own workload,
+interleaved, and keeps the faster; the decision and the figures go in the manifest under ``optimization``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import ExportError
+from . import graph_io
+
+# model_type -> the optimizer's recipe. Decoders of the Llama family share GPT-2's recipe (it holds the rotary and
+# RMS-norm fusions); families not listed are exported unfused.
+RECIPES = {
+    "gpt2": "gpt2", "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2", "qwen3": "gpt2", "phi3": "gpt2",
+    "opt": "gpt2", "gpt_neox": "gpt_neox", "bert": "bert", "roberta": "bert", "distilbert": "bert",
+    "xlm-roberta": "bert", "t5": "t5", "bart": "bart",
+}
+REPEATS = 5
+
+
+def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bool] = None) -> dict:
+    """Fuse each graph in ``folder`` (names in ``graphs``), time fused against unfused, keep the faster.
+
+    Returns the manifest's ``optimization`` entry."""
+    model_type = getattr(config, "model_type", None)
+    recipe = RECIPES.get(model_type)
+    if recipe is None:
+        return {"kept": "unfused", "reason": f"no fusion recipe for model type {model_type!r}"}
+    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if getattr(config, k, 0)), 0)
+    hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if getattr(config, k, 0)), 0)
+    fused_ops, candidates = {}, {}
+    for name in graphs:
+        path = folder / f"{name}.onnx"
+        candidate = folder / f"{name}.fused.onnx"
+        fused_ops[name] = _fuse_one(path, candidate, recipe, heads, hidden, external_data)
+        candidates[name] = candidate
+    try:
+        unfused_ms, fused_ms = _time_both(folder, graphs, candidates, task, config)
+        keep = fused_ms < unfused_ms
+        for name, candidate in candidates.items():
+            if keep:
+                graph_io.move(candidate, folder / f"{name}.onnx")
+    finally:
+        for candidate in candidates.values():
+            for leftover in (candidate, candidate.parent / graph_io.data_name(candidate)):
+                if leftover.exists():
+                    leftover.unlink()
+    return {"recipe": recipe, "fused_ops": fused_ops, "kept": "fused" if keep else "unfused",
+            "ms": {"unfused": round(unfused_ms, 3), "fused": round(fused_ms, 3)}, "provider": "cpu",
+            "workload": WORKLOAD_TEXT.get(task.value, "")}
+
+
+def _fuse_one(path: Path, candidate: Path, recipe: str, heads: int, hidden: int, external_data) -> dict:
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        # opt_level 0: the Python fusions only; onnxruntime's own graph passes run when a session loads it.
+        model = optimize_model(str(path), model_type=recipe, num_heads=heads, hidden_size=hidden, opt_level=0)
+    except Exception as exc:
+        raise ExportError(f"onnxruntime's {recipe} fusions failed on {path.name}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        quiet.setLevel(level)
+    before = {i.name for i in graph_io.load(path, data=False).graph.input}
+    after = {i.name for i in model.model.graph.input}
+    if before - after:
+        raise ExportError(f"fusing {path.name} removed graph inputs {sorted(before - after)}")
+    stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    graph_io.save(model.model, candidate, external=external_data if external_data is not None
+                  else graph_io.is_external(path) or None)
+    return stats
+
+
+WORKLOAD_TEXT = {
+    "CAUSAL_LM": "batch 1, 32 tokens, then 16 decoding steps",
+    "SEQ_2_SEQ_LM": "batch 1, 32 tokens, then 16 decoding steps",
+    "SEQ_CLS": "batch 4 x 32 tokens", "TOKEN_CLS": "batch 4 x 32 tokens", "FEATURE_EXTRACTION": "batch 4 x 32 tokens",
+}
+
+
+def _time_both(folder: Path, graphs: list, candidates: dict, task, config) -> tuple[float, float]:
+    """Median milliseconds of the task's workload on the unfused and the fused graphs, interleaved."""
+    from ..config import TaskType
+    from ..parity import _greedy_onnx, _Graphs, _run_case
+
+    vocab = int(config.vocab_size)
+    manifests = []
+    for files in ({g: f"{g}.onnx" for g in graphs}, {g: candidates[g].name for g in graphs}):
+        manifests.append({"graphs": {g: {"file": f} for g, f in files.items()}, "dtype": "fp32",
+                          "model": {"decoder_start_token_id": getattr(config, "decoder_start_token_id", None)}})
+    sessions = [_Graphs(folder, m, "cpu") for m in manifests]
+    rng = np.random.default_rng(0)
+    generating = task in (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)
+    ids = rng.integers(0, vocab, size=(1, 32) if generating else (4, 32), dtype=np.int64)
+    mask = np.ones_like(ids)
+
+    def once(which: int) -> float:
+        start = time.perf_counter()
+        if generating:
+            _greedy_onnx(sessions[which], manifests[which], task, ids, mask, 16)
+        else:
+            _run_case(sessions[which], task, ids, mask)
+        return (time.perf_counter() - start) * 1e3
+
+    once(0), once(1)  # warm-up: first runs allocate
+    times: list[list[float]] = [[], []]
+    for i in range(REPEATS):
+        for which in (i % 2, 1 - i % 2):
+            times[which].append(once(which))
+    sessions.clear()  # free the sessions before the graphs are moved
+    return statistics.median(times[0]), statistics.median(times[1])
+
