@@ -426,5 +426,6 @@ def test_optimize_fuses_times_and_keeps_the_faster(peft_adapters, tmp_path, task
     assert decision["kept"] == ("fused" if decision["ms"]["fused"] < decision["ms"]["unfused"] else "unfused")
     assert result.manifest["optimized"] == (decision["kept"] == "fused")
     ops = {node.op_type for node in onnx.load(str(result.path / "model.onnx")).graph.node}
-    assert bool(ops & set(decision["fused_ops"]["model"])) == (decision["kept"] == "fused")
+    contrib = set(decision["fused_ops"]["model"]) - {"LayerNormalization"}  # a standard op since opset 17
+    assert bool(ops & contrib) == (decision["kept"] == "fused")
     assert sorted(p.name for p in result.path.iterdir()) == sorted([*result.manifest["files"], "ptuning_onnx.json"])
