@@ -351,10 +351,11 @@ def check_parity(folder: os.PathLike, ref: PTuningModel, manifest: dict, *, atol
     invariance = _Diffs(atol, rtol)
     _padding_invariance(graphs, task, runs, invariance)
     control = _Diffs(atol, rtol)
-    # The control needs to show the check can see the prompt, not to cover every shape: the padded 3-row cases and
-    # the greedy steps do, at a third of the cost (which counts on a 1B model).
-    _compare(perturbed(ref, seed), [r for r in runs if r[0][0].shape[0] == max(BATCHES)], greedy, control, memo,
-             "control")
+    # The control needs to show the check can see the prompt, not to cover every shape: the padded 3-row case of
+    # length 7 does, at a fifth of the cost of the full set (which counts on a 1B model: each reference forward
+    # there reads 4.4 GB of weights).
+    _compare(perturbed(ref, seed), [r for r in runs if r[0][0].shape == (max(BATCHES), 7)] or runs[-1:], None,
+             control, memo, "control")
     report.update(
         passed=main.passed and not control.passed,
         max_abs_diff=main.max,
