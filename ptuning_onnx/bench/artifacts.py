@@ -1,7 +1,7 @@
 """Each contender's files, built once under ``<work>/<workload>/<contender>`` and reused by later runs.
 
 Builds run in this process (imports are paid once, which keeps ``--quick`` short) through the library call each
-tool's command wraps: our ``export()``, optimum's ``main_export``, onnxruntime-genai's builder ``create_model``.
+tool's command wraps: our ``export(..., optimize=True)`` (fusions kept where they time faster), optimum's ``main_export``, onnxruntime-genai's builder ``create_model``.
 Their output goes to ``<work>/<workload>/<contender>.log``. A failed build makes that contender "unavailable" with
 the error as the reason, and the benchmark goes on without it. Each folder is made in a temporary sibling and
 renamed into place, so a folder that exists is a finished build. (The ``export`` workload times whole processes;
@@ -131,7 +131,7 @@ def build(contender: str, workload: Workload, base: Path, adapter: Path, work: P
             def make():
                 from ..export import export
 
-                export(base, adapter, tmp, quantize=QUANTIZE[contender], progress=False)
+                export(base, adapter, tmp, quantize=QUANTIZE[contender], optimize=True, progress=False)
         ok, reason, seconds = _build_in_process(make, log)
         if ok:
             tmp.rename(folder)
