@@ -191,20 +191,26 @@ def _padding_invariance(graphs: _Graphs, task: TaskType, runs, diffs: "_Diffs") 
                 diffs.values(name, got, value)
 
 
-def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, steps: int):
-    """Greedy decode in onnxruntime through the KV cache; returns (tokens (B, steps), logits (B, steps, V))."""
+def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, steps: int, forced=None):
+    """Decode in onnxruntime through the KV cache; returns (tokens (B, steps), logits (B, steps, V)).
+
+    Greedy, or teacher-forced along ``forced`` (B, steps): each step then feeds ``forced``'s token, not its own."""
     batch = ids.shape[0]
     tokens, logits = [], []
+
+    def choose(step: int, last: np.ndarray) -> np.ndarray:
+        token = last.argmax(-1)[:, None].astype(np.int64) if forced is None else forced[:, step:step + 1]
+        tokens.append(token), logits.append(last)
+        return token
+
     if task == TaskType.CAUSAL_LM:
         feed = graphs.only_inputs("model", {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
                                             "logits_to_keep": np.array(1, np.int64),
                                             **graphs.empty_past("model", batch)})
         past_names = graphs.past_names("model")
-        for _ in range(steps):
+        for step in range(steps):
             out = graphs.run("model", feed)
-            last = out["logits"][:, -1]
-            token = last.argmax(-1)[:, None].astype(np.int64)
-            tokens.append(token), logits.append(last)
+            token = choose(step, out["logits"][:, -1])
             mask = np.concatenate([mask, np.ones_like(token)], 1)
             feed = graphs.only_inputs("model", {"input_ids": token, "attention_mask": mask,
                                                 "position_ids": _positions(mask)[:, -1:],
@@ -214,12 +220,10 @@ def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, ste
         enc = graphs.run("encoder_model", {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
         token = np.full((batch, 1), manifest["model"]["decoder_start_token_id"], np.int64)
         past = graphs.empty_past("decoder_model", batch)
-        for _ in range(steps):
+        for step in range(steps):
             out = graphs.run("decoder_model", {"input_ids": token, "encoder_attention_mask": mask,
                                                "encoder_hidden_states": enc, **past})
-            last = out["logits"][:, -1]
-            token = last.argmax(-1)[:, None].astype(np.int64)
-            tokens.append(token), logits.append(last)
+            token = choose(step, out["logits"][:, -1])
             past = {name: out[name.replace("past_key_values", "present")] for name in past}
     return np.concatenate(tokens, 1), np.stack(logits, 1)
 

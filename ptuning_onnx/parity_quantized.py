@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import TaskType
-from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, ReferenceMemo, _check_names, _failure, _Graphs, _positions,
+from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, ReferenceMemo, _check_names, _failure, _greedy_onnx, _Graphs,
                      _run_case, _run_outputs, _t, perturbed, reference_case, reference_greedy)
 from .reference import PTuningModel
 
@@ -91,36 +91,6 @@ def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
     return ids, mask
 
 
-def _forced_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, tokens) -> np.ndarray:
-    """The graph's logits along ``tokens``, decoding step by step through its KV cache."""
-    batch, logits = ids.shape[0], []
-    if task == TaskType.CAUSAL_LM:
-        feed = graphs.only_inputs("model", {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask),
-                                            "logits_to_keep": np.array(1, np.int64),
-                                            **graphs.empty_past("model", batch)})
-        past_names = graphs.past_names("model")
-        for step in range(tokens.shape[1]):
-            out = graphs.run("model", feed)
-            logits.append(out["logits"][:, -1])
-            token = tokens[:, step:step + 1]
-            mask = np.concatenate([mask, np.ones_like(token)], 1)
-            feed = graphs.only_inputs("model", {"input_ids": token, "attention_mask": mask,
-                                                "position_ids": _positions(mask)[:, -1:],
-                                                "logits_to_keep": np.array(1, np.int64)})
-            feed.update({name: out[name.replace("past_key_values", "present")] for name in past_names})
-    else:
-        enc = graphs.run("encoder_model", {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
-        token = np.full((batch, 1), manifest["model"]["decoder_start_token_id"], np.int64)
-        past = graphs.empty_past("decoder_model", batch)
-        for step in range(tokens.shape[1]):
-            out = graphs.run("decoder_model", {"input_ids": token, "encoder_attention_mask": mask,
-                                               "encoder_hidden_states": enc, **past})
-            logits.append(out["logits"][:, -1])
-            token = tokens[:, step:step + 1]
-            past = {name: out[name.replace("past_key_values", "present")] for name in past}
-    return np.stack(logits, 1)
-
-
 def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = "cpu", seed: int = 0,
                     rel_limit: float = REL_LIMIT, exact: Optional[dict] = None,
                     memo: Optional[ReferenceMemo] = None) -> dict:
@@ -169,7 +139,8 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
                                 lambda: reference_greedy(ref, ids, mask, GREEDY_STEPS))
         ctrl = memo.get("control", "forced", [ids, mask, tokens],
                         lambda: _forced_reference(control_ref, ids, mask, tokens))
-        errors.add("greedy_logits", _forced_onnx(graphs, manifest, task, ids, mask, tokens), want, ctrl)
+        _, got = _greedy_onnx(graphs, manifest, task, ids, mask, tokens.shape[1], forced=tokens)
+        errors.add("greedy_logits", got, want, ctrl)
         report["greedy_steps"] = GREEDY_STEPS
     rel, control = errors.ratios(errors.err), errors.ratios(errors.control)
     passed = all(v <= rel_limit for v in rel.values())

@@ -28,6 +28,19 @@ TASKS = {
 }
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module's tests: the tiny models (hidden 64) gain nothing from a second thread, a busy
+    second core makes OpenMP spin (~10x slower), and training subprocesses run with OMP_NUM_THREADS=1, so in-process
+    runs then sum floats the same way."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_peft_adapter(out_dir: Path, model_dir: Path, peft_task: str, auto_class: str, *, encoder="MLP",
                       num_virtual_tokens=5, seed=0, num_labels=None):
     """Write a P-tuning adapter with PEFT itself; returns (peft_model, out_dir)."""

@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPT2 = MODELS / "gpt2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: faster beside a busy core, and the same float sums as the subprocess (OMP_NUM_THREADS=1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def train_file(folder: Path, n: int) -> Path:
