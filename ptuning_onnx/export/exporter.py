@@ -155,8 +155,10 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                                     external_data=external_data)
         if dtype == "fp16":
             with log.step("converting graphs to fp16"):
+                from .fp16 import to_fp16
+
                 for spec in graphs:
-                    _to_fp16(tmp / f"{spec.name}.onnx", external_data)
+                    to_fp16(tmp / f"{spec.name}.onnx", external_data)
         exact = None
         memo = ReferenceMemo()  # the exact and the quantized gate share the reference's outputs
         if quantize and not skip_verify:
@@ -314,13 +316,6 @@ def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str,
         graph_io.finalize(path, defaults=spec.defaults, external=external_data)
         specs.append(spec)
     return specs
-
-
-def _to_fp16(path: Path, external_data: Optional[bool]) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(graph_io.load(path), keep_io_types=False, disable_shape_infer=True)
-    graph_io.save(model, path, external=external_data)
 
 
 def _copy_side_files(base_dir: Path, ref: PTuningModel, folder: Path) -> None:
