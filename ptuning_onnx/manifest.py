@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import ManifestError
 
 MANIFEST_NAME = "ptuning_onnx.json"
+GOLDEN_NAME = "golden.npz"  # the parity cases and the reference's outputs (export/golden.py, runtime/golden.py)
 FORMAT_NAME = "ptuning-onnx"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (

@@ -22,21 +22,12 @@ from . import manifest as mf
 from .config import TaskType, parse_task
 from .errors import ConfigError, ParityError
 from .reference import PTuningModel
+from .tolerance import ATOL, RTOL_FP16, default_atol, default_rtol  # noqa: F401  (re-exported)
+from .tolerance import MaxDiffs as _Diffs
 
-ATOL = {"fp32": 1e-4, "fp16": 1e-2}
-# fp16 rounding grows with magnitude (T5's encoder states reach ~3.3 on the tiny model), so fp16 adds a relative
-# term: max abs diff <= 1e-2 + 2e-2 * max |reference output|.
-RTOL_FP16 = 2e-2
 BATCHES, LENGTHS, GREEDY_STEPS = (1, 3), (1, 7, 33), 16
-# Quantized graphs (int8, int4) have their own gate: parity_quantized.py.
-
-
-def default_atol(dtype: str = "fp32") -> float:
-    return ATOL[dtype]
-
-
-def default_rtol(dtype: str = "fp32") -> float:
-    return RTOL_FP16 if dtype == "fp16" else 0.0
+# Tolerances (fp32 1e-4; fp16 1e-2 + 2% of output scale) live in tolerance.py, torch-free, so that the runtime's
+# golden check (runtime/golden.py) applies the same rule. Quantized graphs have their own gate: parity_quantized.py.
 
 
 class _Graphs:
@@ -96,37 +87,6 @@ def _cases(vocab: int, limit: Optional[int], padding_side: str, seed: int):
 
 def _positions(mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(mask, -1) - 1, 0, None)
-
-
-class _Diffs:
-    """Collects max abs diffs per output name and any structural problems."""
-
-    def __init__(self, atol: float, rtol: float = 0.0):
-        self.atol, self.rtol, self.max, self.scale, self.problems = atol, rtol, {}, {}, []
-
-    def bound(self, name: str) -> float:
-        return self.atol + self.rtol * self.scale.get(name, 0.0)
-
-    def values(self, name: str, got: np.ndarray, want: np.ndarray, where: Optional[np.ndarray] = None) -> None:
-        if got.shape != want.shape:
-            self.problems.append(f"{name}: shape {list(got.shape)} != reference {list(want.shape)}")
-            return
-        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-        if where is not None:
-            diff = diff[where.astype(bool)]
-        value = float(diff.max()) if diff.size else 0.0
-        if not np.isfinite(value):
-            value = float("inf")
-        self.max[name] = max(self.max.get(name, 0.0), value)
-        self.scale[name] = max(self.scale.get(name, 0.0), float(np.abs(want).max()) if want.size else 0.0)
-
-    def tokens(self, got: np.ndarray, want: np.ndarray) -> None:
-        if not np.array_equal(got, want):
-            self.problems.append(f"greedy tokens differ: onnx {got.tolist()} vs reference {want.tolist()}")
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and all(v <= self.bound(k) for k, v in self.max.items())
 
 
 def _t(x: np.ndarray) -> torch.Tensor:
@@ -229,13 +189,17 @@ def _greedy_onnx(graphs: _Graphs, manifest: dict, task: TaskType, ids, mask, ste
 
 
 class ReferenceMemo:
-    """The PyTorch reference's outputs per (role, input), so that the exact gate and the quantized gate of one
-    export run each reference input once: on a 1.1B model every reference forward reads 4.4 GB of weights."""
+    """The PyTorch reference's outputs per (role, input), so that the exact gate, the quantized gate and golden.npz
+    of one export run each reference input once: on a 1.1B model every reference forward reads 4.4 GB of weights.
+
+    ``entries`` lists what was computed, in order, with its inputs: the cases the gates compared, which the export
+    saves as ``golden.npz`` (export/golden.py)."""
 
     def __init__(self):
         self._store: dict = {}
 
-    def get(self, role: str, kind: str, arrays, compute):
+    @staticmethod
+    def _key(role: str, kind: str, arrays) -> tuple:
         import hashlib
 
         digest = hashlib.sha256()
@@ -243,10 +207,22 @@ class ReferenceMemo:
             a = np.ascontiguousarray(a)
             digest.update(repr((a.dtype.str, a.shape)).encode())
             digest.update(a.tobytes())
-        key = (role, kind, digest.hexdigest())
+        return role, kind, digest.hexdigest()
+
+    def get(self, role: str, kind: str, arrays, compute):
+        key = self._key(role, kind, arrays)
         if key not in self._store:
-            self._store[key] = compute()
-        return self._store[key]
+            self._store[key] = (tuple(arrays), compute())
+        return self._store[key][1]
+
+    def lookup(self, role: str, kind: str, arrays):
+        """The stored outputs for these inputs, or None; never computes."""
+        found = self._store.get(self._key(role, kind, arrays))
+        return None if found is None else found[1]
+
+    def entries(self, role: str, kind: str) -> list:
+        """[(input arrays, outputs)] stored under (role, kind), in the order they were first computed."""
+        return [value for key, value in self._store.items() if key[:2] == (role, kind)]
 
 
 @torch.no_grad()

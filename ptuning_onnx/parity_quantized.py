@@ -30,36 +30,8 @@ from .config import TaskType
 from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, ReferenceMemo, _check_names, _failure, _greedy_onnx, _Graphs,
                      _run_case, _run_outputs, _t, perturbed, reference_case, reference_greedy)
 from .reference import PTuningModel
-
-REL_LIMIT = 0.75
-
-
-class _Errors:
-    """Per output: the squared norms of (graph - reference), (graph - control) and (control - reference)."""
-
-    def __init__(self):
-        self.err: dict = {}
-        self.control: dict = {}
-        self.effect: dict = {}
-        self.top1: dict = {}
-
-    def add(self, name: str, got: np.ndarray, want: np.ndarray, ctrl: np.ndarray, where=None) -> None:
-        got, want, ctrl = (np.asarray(x, np.float64) for x in (got, want, ctrl))
-        if name.endswith("logits"):
-            # Softmax ignores a shift shared by all classes; so does this measure (it matters with 2 labels).
-            got, want, ctrl = (x - x.mean(-1, keepdims=True) for x in (got, want, ctrl))
-        if where is not None:
-            keep = where.astype(bool)
-            got, want, ctrl = got[keep], want[keep], ctrl[keep]
-        for store, value in ((self.err, got - want), (self.control, got - ctrl), (self.effect, ctrl - want)):
-            store[name] = store.get(name, 0.0) + float(np.sum(value * value))
-        if name.endswith("logits") and got.ndim >= 1 and got.size:
-            hits, count = self.top1.get(name, (0, 0))
-            self.top1[name] = (hits + int((got.argmax(-1) == want.argmax(-1)).sum()), count + got[..., 0].size)
-
-    def ratios(self, store: dict) -> dict:
-        return {k: (float(np.sqrt(v / self.effect[k])) if self.effect[k] > 0 else float("inf"))
-                for k, v in store.items()}
+from .tolerance import REL_LIMIT
+from .tolerance import RelativeErrors as _Errors
 
 
 @torch.no_grad()
@@ -148,7 +120,7 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
     report.update(
         passed=passed and control_failed,
         relative_error=rel,
-        top1_agreement={k: hits / count for k, (hits, count) in errors.top1.items()},
+        top1_agreement=errors.top1_agreement(),
         negative_control={"relative_error": control, "failed_as_expected": control_failed},
         cases=len(runs),
         problems=[],

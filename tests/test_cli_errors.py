@@ -69,7 +69,7 @@ ENTRY_POINTS = {
     "run": ("ptuning_onnx.runtime", "load", lambda tmp: [str(tmp), "--text", "x"]),
     "export": ("ptuning_onnx.export", "export",
                lambda tmp: ["--base-model", str(MODELS / "bert"), "--adapter", str(tmp), "--output", str(tmp / "o")]),
-    "verify": ("ptuning_onnx.parity", "verify", lambda tmp: [str(tmp)]),
+    "verify": ("ptuning_onnx.runtime.golden", "verify_golden", lambda tmp: [str(tmp)]),  # the torch-free default
     "train": ("ptuning_onnx.train", "train",
               lambda tmp: ["--base-model", str(MODELS / "bert"), "--task", "seq-cls", "--train-file",
                            str(tmp / "t.jsonl"), "--output", str(tmp / "o"), "--quiet"]),

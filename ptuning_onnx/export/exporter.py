@@ -26,6 +26,7 @@ from ..config import TASK_TO_CLI, TaskType, parse_task
 from ..errors import ConfigError, ExportError, ManifestError, ParityError
 from ..reference import PTuningModel, apply_head_weights, head_modules, load_base
 from . import _optimum, graph_io
+from .golden import write_golden
 from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
 
 DTYPES = ("fp32", "fp16")
@@ -194,9 +195,12 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                 bound = f"atol {tolerance:g}" + (f", rtol {rtol:g}" if rtol else "")
                 with log.step(f"verifying parity against PyTorch ({bound})"):
                     report = _verified(lambda: check_parity(tmp, ref, manifest, atol=tolerance, rtol=rtol,
-                                                            device=device), output)
+                                                            device=device, memo=memo), output)
                 invariance = report["padding_invariant"]
             manifest["parity"] = report
+            # The cases the gate compared, with the reference's outputs (from the memo, no new forward), for
+            # checks on hosts without torch. Absent with --skip-verify: there are no reference outputs then.
+            manifest["golden"] = write_golden(tmp, memo, manifest["task"], report)
             manifest["model"]["padding_invariant"] = invariance["passed"]
             if not invariance["passed"]:
                 warnings.warn(f"{ref.base.config.model_type}: a padded row does not give what it gives alone "
@@ -399,6 +403,7 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
         "versions": _optimum.versions(),
         "files": None,  # hashed once, by export(), when the folder is final
         "parity": None,
+        "golden": None,  # golden.npz's entry once parity passed (export/golden.py)
     }
 
 

@@ -4,10 +4,12 @@
     model = runtime.load("exported/")            # verifies sha256, picks CUDA when it works
     model.generate("Hello", max_new_tokens=20)   # causal-lm / seq2seq-lm; also stream(...)
     model.classify(["a", "b"])                   # seq-cls;  tag(texts) for token-cls; embed(texts) for feature-extraction
+    runtime.verify_golden("exported/")           # golden.npz through this runtime, on this host's provider
 """
 
 from .model import (CausalLM, FeatureExtractor, RuntimeModel, Seq2SeqLM, SequenceClassifier, TokenClassifier,
                     load)
+from .golden import GoldenMismatchError, NoGoldenError, verify_golden
 from .session import ProviderError, SessionLoadError, cuda_available
 from .validation import (AttentionMaskError, EmptyInputError, GenerationConfigError, InputDtypeError, InputError,
                          SequenceLengthError, TokenIdError)
@@ -17,4 +19,5 @@ __all__ = [
     "load", "RuntimeModel", "CausalLM", "Seq2SeqLM", "SequenceClassifier", "TokenClassifier", "FeatureExtractor",
     "InputError", "InputDtypeError", "TokenIdError", "EmptyInputError", "AttentionMaskError", "SequenceLengthError",
     "GenerationConfigError", "NoTokenizerError", "ProviderError", "SessionLoadError", "cuda_available",
+    "verify_golden", "GoldenMismatchError", "NoGoldenError",
 ]

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from .. import manifest as mf
-from ..errors import ManifestError
+from ..errors import ConfigError, ManifestError
 from . import generation as gen
 from .session import build_sessions, log
 from .tokenizer import load_tokenizer, require
@@ -37,6 +37,7 @@ class RuntimeModel:
     """
 
     task = ""
+    golden_report: Optional[dict] = None  # load(verify="golden")'s report
 
     def __init__(self, folder: Path, manifest: dict, sessions: dict, device: str, device_id: int):
         self.path, self.manifest = folder, manifest
@@ -310,15 +311,20 @@ TASK_CLASSES = {cls.task: cls for cls in (CausalLM, Seq2SeqLM, SequenceClassifie
 
 
 def load(path: Union[str, os.PathLike], provider: str = "auto", threads: Optional[int] = None,
-         verify: bool = True) -> RuntimeModel:
+         verify: Union[bool, str] = True) -> RuntimeModel:
     """Load an exported folder for inference; returns the task's model class.
 
-    ``verify`` re-hashes every file against the manifest's sha256 before any graph is parsed. ``provider``:
-    ``"auto"`` (CUDA when it works, else CPU; logged), ``"cpu"``, ``"cuda"`` / ``"cuda:N"`` (raises when CUDA is
-    not really used). ``threads``: onnxruntime intra-op threads per session (None: onnxruntime's default).
+    ``verify``: True re-hashes every file against the manifest's sha256 before any graph is parsed; ``"golden"``
+    also runs the folder's ``golden.npz`` through the loaded model (runtime/golden.py) and raises
+    ``GoldenMismatchError`` when it differs from the PyTorch reference's outputs (``NoGoldenError`` when the folder
+    has none); the report is ``model.golden_report``. False checks nothing. ``provider``: ``"auto"`` (CUDA when it
+    works, else CPU; logged), ``"cpu"``, ``"cuda"`` / ``"cuda:N"`` (raises when CUDA is not really used).
+    ``threads``: onnxruntime intra-op threads per session (None: onnxruntime's default).
     """
+    if not (verify is True or verify is False or verify == "golden"):
+        raise ConfigError(f"verify must be True, False or 'golden', got {verify!r}")
     folder = Path(path)
-    manifest = mf.read_manifest(folder, verify=verify)
+    manifest = mf.read_manifest(folder, verify=verify is not False)
     task = manifest["task"]
     graphs = mf.TASK_GRAPHS[task]
     missing = [g for g in graphs if g not in manifest.get("graphs", {})]
@@ -331,7 +337,12 @@ def load(path: Union[str, os.PathLike], provider: str = "auto", threads: Optiona
         log.info("ptuning_onnx.runtime: fp32 graphs on CUDA; an fp16 export (--dtype fp16) halves memory traffic")
     elif device == "cpu" and dtype == "fp16":
         log.warning("ptuning_onnx.runtime: fp16 graphs on CPU are slow; export fp32 for CPU serving")
-    return TASK_CLASSES[task](folder, manifest, sessions, device, device_id)
+    model = TASK_CLASSES[task](folder, manifest, sessions, device, device_id)
+    if verify == "golden":
+        from .golden import verify_golden
+
+        model.golden_report = verify_golden(model)
+    return model
 
 
 def _config(folder: Path) -> dict:

@@ -1,0 +1,70 @@
+"""``golden.npz``: the parity gate's inputs and the PyTorch reference's outputs, saved in the exported folder so that
+a host without torch can check the graphs again (``ptuning_onnx/runtime/golden.py``, ``ptuning-verify``).
+
+Written from the ``ReferenceMemo`` the gates filled during the export: it holds exactly the cases they compared,
+and costs no reference forward of its own. Arrays only, written by ``np.savez`` (no pickle); read it with
+``np.load(path, allow_pickle=False)``. docs/FORMAT.md lists the arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import manifest as mf
+from ..parity import ReferenceMemo
+from ..tolerance import REL_LIMIT
+
+GOLDEN_FORMAT = 1
+
+
+def write_golden(folder: Path, memo: ReferenceMemo, task: str, report: dict) -> Optional[dict]:
+    """Write ``folder/golden.npz``; return the manifest's ``golden`` entry (None when the memo is empty).
+
+    ``task``: the CLI task name (``causal-lm``, ...). ``report``: the gate's report, for its tolerance. The exact
+    gate's golden has every case it compared; the quantized gate's has the cases it compared (those with a
+    perturbed-prompt control), with the control's outputs, so that the relative error can be computed again.
+    """
+    quantized = report.get("gate") == "quantized"
+    cases = []
+    for arrays, want in memo.entries("reference", "case"):
+        control = memo.lookup("control", "case", arrays)
+        if quantized and control is None:
+            continue  # compared by the fp32 graph's exact gate only; the quantized graph is not held to it
+        cases.append((arrays, want, control))
+    if not cases:
+        return None
+    out: dict = {}
+    for i, (arrays, want, control) in enumerate(cases):
+        out[f"case{i}.input_ids"], out[f"case{i}.attention_mask"] = arrays[0], arrays[1]
+        if task == "seq2seq-lm":
+            out[f"case{i}.decoder_input_ids"] = arrays[2]
+        # (token_type_ids, for models that have them, are zeros: the runtime makes them.) The KV cache ("present")
+        # is left out: the greedy steps below read it back at every step.
+        for role, outputs in (("reference", want), ("control", control)):
+            for name, value in (outputs or {}).items():
+                if name != "present":
+                    out[f"case{i}.{role}.{name}"] = np.asarray(value, np.float32)
+    greedy = memo.entries("reference", "greedy")
+    steps = None
+    if greedy:
+        (ids, mask), (tokens, logits) = greedy[0]
+        out.update({"greedy.input_ids": ids, "greedy.attention_mask": mask, "greedy.tokens": tokens,
+                    "greedy.reference.logits": np.asarray(logits, np.float32)})
+        forced = memo.lookup("control", "forced", [ids, mask, tokens])
+        if quantized and forced is not None:
+            out["greedy.control.logits"] = np.asarray(forced, np.float32)
+        steps = int(tokens.shape[1])
+    for name, value in out.items():
+        if value.dtype == object:  # np.savez would pickle it
+            raise TypeError(f"golden array {name} has dtype object")
+    np.savez(folder / mf.GOLDEN_NAME, **{k: np.ascontiguousarray(v) for k, v in out.items()})
+    entry = {"file": mf.GOLDEN_NAME, "format_version": GOLDEN_FORMAT, "cases": len(cases), "greedy_steps": steps,
+             "gate": "quantized" if quantized else "exact"}
+    if quantized:
+        entry["rel_limit"] = report.get("rel_limit", REL_LIMIT)
+    else:
+        entry.update(atol=report["atol"], rtol=report.get("rtol", 0.0))
+    return entry
