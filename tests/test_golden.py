@@ -149,6 +149,26 @@ def test_load_verify_golden_and_its_report(exports):
         rt.load(exports["seq-cls"], provider="cpu", verify="yes")
 
 
+@pytest.mark.parametrize("task", ["causal-lm", "seq2seq-lm", "seq-cls"])
+def test_golden_check_takes_the_cuda_code_path(exports, monkeypatch, task):
+    """IOBinding, with the KV cache kept as OrtValues between steps, driven on CPU (as on CUDA, only the device
+    differs): the golden check runs the runtime's path, so it sees that path's numbers."""
+    from ptuning_onnx.runtime.session import GraphRunner
+
+    calls = []
+    original = GraphRunner._run_bound
+
+    def spy(self, io, inputs, to_host):
+        calls.append(self.session)
+        return original(self, io, inputs, to_host)
+
+    monkeypatch.setattr(GraphRunner, "force_binding", True)
+    monkeypatch.setattr(GraphRunner, "_run_bound", spy)
+    report = rt.verify_golden(exports[task], provider="cpu")
+    assert report["passed"] and calls
+    assert max(report["max_abs_diff"].values()) <= 1e-4
+
+
 # ---------------------------------------------------------------- negative controls
 
 @pytest.mark.parametrize("name", ["causal-lm", "seq-cls", "int4"])
