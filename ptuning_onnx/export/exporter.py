@@ -161,7 +161,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                 for spec in graphs:
                     to_fp16(tmp / f"{spec.name}.onnx", external_data)
         exact = None
-        memo = ReferenceMemo()  # the exact and the quantized gate share the reference's outputs
+        memo = ReferenceMemo()  # the exact gate, the quantized gate and golden.npz share the reference's outputs
         if quantize and not skip_verify:
             # A quantized graph cannot be held to 1e-4; the graph it is made from can, and that is where a wrong
             # prompt, wrong positions or a dropped virtual token are caught whatever the size of their effect.

@@ -9,18 +9,20 @@ and costs no reference forward of its own. Arrays only, written by ``np.savez`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from .. import manifest as mf
-from ..parity import ReferenceMemo
 from ..tolerance import REL_LIMIT
+
+if TYPE_CHECKING:
+    from ..parity import ReferenceMemo
 
 GOLDEN_FORMAT = 1
 
 
-def write_golden(folder: Path, memo: ReferenceMemo, task: str, report: dict) -> Optional[dict]:
+def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -> Optional[dict]:
     """Write ``folder/golden.npz``; return the manifest's ``golden`` entry (None when the memo is empty).
 
     ``task``: the CLI task name (``causal-lm``, ...). ``report``: the gate's report, for its tolerance. The exact

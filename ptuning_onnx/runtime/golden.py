@@ -193,8 +193,8 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
     if "greedy.tokens" in golden:
         if not isinstance(model, _Generative):
             raise ManifestError(f"golden.npz has decoding steps but {task} does not generate")
-        tokens, want_logits = golden["greedy.tokens"], golden["greedy.reference.logits"]
-        ids, mask = check_batch(golden["greedy.input_ids"], golden["greedy.attention_mask"],
+        tokens, want_logits = golden["greedy.tokens"], _array(golden, "greedy.reference.logits")
+        ids, mask = check_batch(_array(golden, "greedy.input_ids"), _array(golden, "greedy.attention_mask"),
                                 vocab_size=model.vocab_size)
         forced = _Forced(check_batch(tokens, None, vocab_size=model.vocab_size)[0])
         for _ in model._steps(ids, mask, forced, GenerationParams(max_new_tokens=int(tokens.shape[1]))):
@@ -203,7 +203,7 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
         agree = got.argmax(-1) == tokens if got.shape == want_logits.shape else np.zeros(tokens.shape, bool)
         report.update(greedy_steps=int(tokens.shape[1]), token_agreement=float(agree.mean()))
         if quantized:
-            errors.add("greedy_logits", got, want_logits, golden["greedy.control.logits"])
+            errors.add("greedy_logits", got, want_logits, _array(golden, "greedy.control.logits"))
         else:
             main.values("greedy_logits", got, want_logits)
             if dtype == "fp32":
@@ -236,6 +236,12 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
                              f"prompt's as the tolerance allows, so this check cannot see the prompt",
                      raise_on_mismatch)
     return report
+
+
+def _array(golden: dict, name: str) -> np.ndarray:
+    if name not in golden:
+        raise ManifestError(f"golden.npz lacks {name}")
+    return golden[name]
 
 
 def _worst(values: dict) -> str:
