@@ -36,6 +36,10 @@ MODELS = {
     "gpt2-small": ("seeded:gpt2", "CAUSAL_LM", None),
     "llama-125m": ("seeded:llama", "CAUSAL_LM", None),
     "minilm": ("minilm", "SEQ_CLS", 2),
+    # The tiny Llama with a "massive activation" (400 in channel 5 of every 7th token's embedding, as trained
+    # decoders have): x^2 overflows fp16. Exported a third time as "-fp16-unkept", without the fp32 RMSNorm
+    # statistics (export/fp16.py), as the control that shows what the rule prevents on a GPU.
+    "tiny-llama-massive": ("massive:models/llama", "CAUSAL_LM", None),
 }
 DTYPES = ("fp32", "fp16")
 SEED = 0
@@ -45,6 +49,8 @@ STD = 0.02  # transformers' initializer_range for both shapes
 def base_folder(name: str, source: str, work: Path) -> Path:
     if source.startswith("repo:"):
         return REPO / source.split(":", 1)[1]
+    if source.startswith("massive:"):
+        return massive_folder(name, REPO / source.split(":", 1)[1], work)
     if source == "minilm":
         from ptuning_onnx.bench.workloads import minilm_folder
 
@@ -73,6 +79,32 @@ def base_folder(name: str, source: str, work: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def massive_folder(name: str, tiny: Path, work: Path) -> Path:
+    from safetensors.numpy import load_file, save_file
+
+    folder = work / "models" / name
+    if not (folder / "model.safetensors").is_file():
+        shutil.copytree(tiny, folder, dirs_exist_ok=True)
+        tensors = load_file(tiny / "model.safetensors")
+        tensors["model.embed_tokens.weight"][::7, 5] = 400.0
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def export_unkept(base: Path, adapter: Path, out: Path):
+    """The fp16 export without the fp32 RMSNorm statistics: a control for the GPU run, never a product."""
+    import importlib
+
+    from ptuning_onnx.export import export
+
+    fp16 = importlib.import_module("ptuning_onnx.export.fp16")
+    saved, fp16.norm_statistics_nodes = fp16.norm_statistics_nodes, lambda graph: []
+    try:
+        return export(base, adapter, out, dtype="fp16", external_data=True, overwrite=True, progress=False)
+    finally:
+        fp16.norm_statistics_nodes = saved
 
 
 def adapter_folder(name: str, base: Path, peft_task: str, labels, work: Path) -> Path:
@@ -114,13 +146,17 @@ def main(argv=None) -> int:
         source, peft_task, labels = MODELS[name]
         base = base_folder(name, source, work)
         adapter = adapter_folder(name, base, peft_task, labels, work)
-        for dtype in DTYPES:
+        for dtype in DTYPES + (("fp16-unkept",) if source.startswith("massive:") else ()):
             key = f"{name}-{dtype}"
             out = work / "exports" / key
             if (out / "ptuning_onnx.json").is_file() and key in record["exports"]:
                 continue
             start = time.perf_counter()
-            result = export(base, adapter, out, dtype=dtype, external_data=True, overwrite=True, progress=False)
+            if dtype == "fp16-unkept":
+                result = export_unkept(base, adapter, out)
+            else:
+                result = export(base, adapter, out, dtype=dtype, external_data=True, overwrite=True,
+                                progress=False)
             seconds = time.perf_counter() - start
             record["exports"][key] = {
                 "model": name, "source": source, "dtype": dtype, "base": str(base), "adapter": str(adapter),

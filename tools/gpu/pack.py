@@ -143,10 +143,10 @@ def pack_work(work: Path, tar: tarfile.TarFile) -> dict:
         source = entry["source"]
         if source.startswith("repo:"):
             key = source
+        elif source == "minilm":  # the real MiniLM: its folder travels whole under models/minilm
+            key = "work:models/minilm"
         else:
-            key = "work:" + str(Path(entry["base"]).resolve().relative_to(work)) if source != "minilm" else None
-            if key is None:  # the real MiniLM: its folder travels whole under models/minilm
-                key = "work:models/minilm"
+            key = "work:" + str(Path(entry["base"]).resolve().relative_to(work))
         sources.setdefault(key, set()).add(entry["model"])
         adapter = "work:" + str(Path(entry["adapter"]).resolve().relative_to(work))
         sources.setdefault(adapter, set()).add(entry["model"])
