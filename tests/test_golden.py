@@ -228,3 +228,25 @@ def test_reference_rerun_is_still_offered(exports, capsys):
     assert verify_cli.main([str(exports["seq-cls"]), "--device", "cpu", "--provider", "cpu"]) == 2
     assert "--provider" in _one_error_line(capsys.readouterr().err)
 
+
+
+def test_large_vocabularies_keep_a_column_subset_that_still_sees_the_prompt(peft_adapters, tmp_path, monkeypatch):
+    """GPT-2-small's full logits made golden.npz 47 MB; above FULL_VOCAB_UP_TO columns only every position's top
+    reference tokens and a seeded sample are kept. Forced here on the tiny vocabulary (1000)."""
+    import importlib
+
+    from ptuning_onnx.export import export
+
+    golden_writer = importlib.import_module("ptuning_onnx.export.golden")
+    monkeypatch.setattr(golden_writer, "FULL_VOCAB_UP_TO", 100)
+    monkeypatch.setattr(golden_writer, "RANDOM_COLUMNS", 64)
+    folder = export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "sub", progress=False).path
+    with np.load(folder / mf.GOLDEN_NAME, allow_pickle=False) as data:
+        columns = data["logits.columns"]
+        assert 64 <= columns.size < 1000 and data["greedy.reference.logits"].shape[-1] == columns.size
+    assert mf.read_manifest(folder)["golden"]["logits_columns"] == columns.size
+    report = rt.verify_golden(folder, provider="cpu")
+    assert report["passed"] and report["token_agreement"] == 1.0
+    bad = _perturbed_copy(folder, tmp_path / "bad")
+    with pytest.raises(rt.GoldenMismatchError):
+        rt.verify_golden(bad, provider="cpu")

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from ..parity import ReferenceMemo
 
 GOLDEN_FORMAT = 1
+# Logits over a large vocabulary are kept on a column subset: every position's top reference tokens plus a seeded
+# random sample. All of GPT-2-small's would be 47 MB per export (50257 columns x 212 compared positions); the subset
+# is ~2 MB and still sees a wrong prompt, position or dtype, which moves every column.
+FULL_VOCAB_UP_TO = 4096
+RANDOM_COLUMNS, TOP_COLUMNS = 1024, 4
 
 
 def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -> Optional[dict]:
@@ -59,14 +64,30 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -
         if quantized and forced is not None:
             out["greedy.control.logits"] = np.asarray(forced, np.float32)
         steps = int(tokens.shape[1])
+    _keep_columns(out)
     for name, value in out.items():
         if value.dtype == object:  # np.savez would pickle it
             raise TypeError(f"golden array {name} has dtype object")
     np.savez(folder / mf.GOLDEN_NAME, **{k: np.ascontiguousarray(v) for k, v in out.items()})
     entry = {"file": mf.GOLDEN_NAME, "format_version": GOLDEN_FORMAT, "cases": len(cases), "greedy_steps": steps,
-             "gate": "quantized" if quantized else "exact"}
+             "gate": "quantized" if quantized else "exact",
+             "logits_columns": int(out["logits.columns"].size) if "logits.columns" in out else None}
     if quantized:
         entry["rel_limit"] = report.get("rel_limit", REL_LIMIT)
     else:
         entry.update(atol=report["atol"], rtol=report.get("rtol", 0.0))
     return entry
+
+
+def _keep_columns(out: dict) -> None:
+    """Slice every ``*.logits`` array to ``logits.columns`` when the vocabulary is larger than FULL_VOCAB_UP_TO."""
+    names = [k for k in out if k.endswith(".logits")]
+    if not names or out[names[0]].shape[-1] <= FULL_VOCAB_UP_TO:
+        return
+    vocab = out[names[0]].shape[-1]
+    top = [np.argsort(out[k], axis=-1)[..., -TOP_COLUMNS:].ravel() for k in names if ".reference." in k]
+    sample = np.random.default_rng(0).choice(vocab, RANDOM_COLUMNS, replace=False)
+    columns = np.unique(np.concatenate([sample, *top])).astype(np.int64)
+    for k in names:
+        out[k] = out[k][..., columns]
+    out["logits.columns"] = columns
