@@ -169,6 +169,28 @@ def test_golden_check_takes_the_cuda_code_path(exports, monkeypatch, task):
     assert max(report["max_abs_diff"].values()) <= 1e-4
 
 
+def test_cuda_sessions_keep_fp32_out_of_tf32(exports, monkeypatch):
+    """onnxruntime's CUDA provider runs fp32 GEMMs in TF32 unless told not to, and then an fp32 folder fails its own
+    golden check (H200, onnxruntime-gpu 1.31.1: 2.7e-4 and 1.3e-3 against 1e-4; 2.4e-7 and 4.8e-7 with
+    use_tf32=0). The CUDA sessions are asked for with use_tf32=0; checked here by the options they are built with."""
+    from ptuning_onnx.runtime import session
+
+    asked = []
+    original = session._create
+
+    def create(paths, options, providers):
+        asked.append(providers)
+        if providers[0] != session.CPU:
+            raise session.SessionLoadError("no CUDA here")  # provider="auto" then falls back to CPU
+        return original(paths, options, providers)
+
+    monkeypatch.setattr(session, "cuda_available", lambda: True)
+    monkeypatch.setattr(session, "_preload_cuda_libraries", lambda: None)
+    monkeypatch.setattr(session, "_create", create)
+    assert rt.load(exports["seq-cls"], provider="auto").device == "cpu"
+    assert asked[0][0] == (session.CUDA, {"device_id": 0, "use_tf32": "0"})
+
+
 # ---------------------------------------------------------------- negative controls
 
 @pytest.mark.parametrize("name", ["causal-lm", "seq-cls", "int4"])

@@ -64,8 +64,13 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _golden(args) -> int:
+    import onnxruntime as ort
+
     from ..runtime.golden import GoldenMismatchError, verify_golden
 
+    # onnxruntime-gpu 1.31 logs a warning line per CUDA session ("No registered plugin EP device found") through its
+    # default logger; this command's output is its one line.
+    ort.set_default_logger_severity(3)
     try:
         report = verify_golden(args.folder, provider=args.provider or "auto")
     except GoldenMismatchError as exc:

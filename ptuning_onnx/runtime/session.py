@@ -23,6 +23,11 @@ from ..errors import PtuningError
 log = logging.getLogger("ptuning_onnx.runtime")
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# onnxruntime's CUDA provider runs fp32 MatMul/GEMM in TF32 (10-bit mantissa) unless use_tf32 is 0, which breaks
+# the 1e-4 an fp32 export was verified to: measured on an H200 with onnxruntime-gpu 1.31.1 (golden.npz, tiny models),
+# max abs diff 2.7e-4 (GPT-2 logits) and 1.3e-3 (BERT seq-cls logits) with TF32, 2.4e-7 and 4.8e-7 without. fp32
+# graphs are the accuracy choice; fp16 graphs (unaffected) are the speed one on CUDA.
+CUDA_OPTIONS = {"use_tf32": "0"}
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
@@ -83,7 +88,7 @@ def build_sessions(paths: dict, provider: str = "auto", threads: Optional[int] =
     if want_cuda:
         _preload_cuda_libraries()
         try:
-            cuda_sessions = _create(paths, options, [(CUDA, {"device_id": device_id}), CPU])
+            cuda_sessions = _create(paths, options, [(CUDA, {"device_id": device_id, **CUDA_OPTIONS}), CPU])
         except SessionLoadError as exc:
             if kind == "cuda":
                 raise ProviderError(f"provider='cuda' failed: {exc}") from None
