@@ -39,8 +39,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "gpu.log", "a", encoding="utf-8")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(args.dest / "site"), str(REPO)]),
+    # The unpacked onnxruntime-gpu shadows the machine's CPU onnxruntime; the dry run keeps the local one (the
+    # carried wheel is built for Python 3.12 and the GPU's architecture).
+    paths = [str(args.dest / "site"), str(REPO)] if args.provider == "cuda" else [str(REPO)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(paths),
                PTUNING_GPU_WORK=str(args.dest / "work"), PTUNING_GPU_PROVIDER=args.provider)
     report = {"steps": {}, "verify": {}, "provider": args.provider}
     start = time.perf_counter()
