@@ -61,7 +61,21 @@ def peft_model(base: Path, adapter: Path, dtype, device, seq_cls: bool = False):
     return PeftModel.from_pretrained(model, adapter).to(device).eval()
 
 
-def generation(name: str, work: Path, device: str, new: int, repeats: int, batches) -> dict:
+def _ours_generate(model, ids, new):
+    return lambda: model.generate(input_ids=ids, max_new_tokens=new, eos_token_id=[])
+
+
+def _peft_generate(model, ids, mask, new):
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+    return run
+
+
+def generation(name: str, work: Path, device: str, new: int, repeats: int, batches, variants) -> dict:
     import torch
 
     from ptuning_onnx import runtime
@@ -71,30 +85,28 @@ def generation(name: str, work: Path, device: str, new: int, repeats: int, batch
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     result = {"prompt_tokens": PROMPT, "new_tokens": new, "cells": []}
-    ours16 = runtime.load(work / "exports" / f"{name}-fp16", provider=provider)
-    result["ours_providers"] = ours16.providers
+    ours = {v: runtime.load(work / "exports" / f"{name}-{v}", provider=provider) for v in variants
+            if v != "fp32" and (work / "exports" / f"{name}-{v}").is_dir()}
+    result["ours_providers"] = {v: m.providers for v, m in ours.items()}
     peft16 = peft_model(base, adapter, torch.float16, device)
     for batch in batches:
         ids = rng.integers(4, 1000, (batch, PROMPT)).astype(np.int64)
         t_ids = torch.from_numpy(ids).to(device)
-        mask = torch.ones_like(t_ids)
-
-        def ours():
-            ours16.generate(input_ids=ids, max_new_tokens=new, eos_token_id=[])
-
-        def peft():
-            with torch.inference_mode():
-                peft16.generate(input_ids=t_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                do_sample=False, pad_token_id=0)
-
+        peft = _peft_generate(peft16, t_ids, torch.ones_like(t_ids), new)
         t_peft = timed(peft, repeats, sync)
-        t_ours = timed(ours, repeats, sync)
+        cell = {"batch": batch}
+        for variant, model in ours.items():
+            t_ours = timed(_ours_generate(model, ids, new), repeats, sync)
+            cell[f"ours_{variant}_tok_s"] = round(batch * new / t_ours, 1)
         t_peft = min(t_peft, timed(peft, repeats, sync))  # interleaved: PEFT gets a second chance
-        cell = {"batch": batch, "ours_fp16_tok_s": round(batch * new / t_ours, 1),
-                "peft_fp16_tok_s": round(batch * new / t_peft, 1), "ratio": round(t_peft / t_ours, 2)}
+        cell["peft_fp16_tok_s"] = round(batch * new / t_peft, 1)
+        for variant in ours:
+            cell[f"ratio_{variant}"] = round(cell[f"ours_{variant}_tok_s"] / cell["peft_fp16_tok_s"], 2)
         print(f"{name} batch {batch}: {cell}", flush=True)
         result["cells"].append(cell)
-    del peft16
+    peft16 = None
+    if "fp32" not in variants:
+        return result
     # fp32 greedy tokens: ours on this device against PEFT on this device
     ours32 = runtime.load(work / "exports" / f"{name}-fp32", provider=provider)
     peft32 = peft_model(base, adapter, torch.float32, device)
@@ -144,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dry-run", action="store_true", help="tiny models, few tokens (a check of this script)")
+    p.add_argument("--variants", default="fp16,fp32",
+                   help="our exports to time (fp16, fp16-fused; fp32 = the greedy-token check against PEFT)")
     args = p.parse_args(argv)
     import torch
 
@@ -156,7 +170,10 @@ def main(argv=None) -> int:
     available = bases(args.work)
     for name in gen_models:
         if name in available:
-            report["generation"][name] = generation(name, args.work, args.device, new, args.repeats, batches)
+            variants = args.variants.split(",")
+            timed_variants = [v for v in variants if v != "fp32"] + (["fp32"] if "fp32" in variants else [])
+            report["generation"][name] = generation(name, args.work, args.device, new, args.repeats, batches,
+                                                    timed_variants)
     for name in cls_models:
         if name in available:
             report["classification"][name] = classification(name, args.work, args.device, max(args.repeats, 10),

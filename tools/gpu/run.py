@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--provider", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out (e.g. bench)")
+    p.add_argument("--bench-variants", default="fp16,fp32", help="bench_gpu.py --variants")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "gpu.log", "a", encoding="utf-8")
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
                        HERE / "test_cuda_runtime.py"], LIMITS["tests"])
     if "bench" not in skip:
         bench = args.out / "bench.json"
-        extra = ["--device", "cpu", "--dry-run", "--repeats", "1"] if args.provider == "cpu" else []
+        extra = ["--variants", args.bench_variants]
+        extra += ["--device", "cpu", "--dry-run", "--repeats", "1"] if args.provider == "cpu" else []
         step("bench", [py, HERE / "bench_gpu.py", "--work", args.dest / "work", "--out", bench, *extra],
              LIMITS["bench"])
         if bench.is_file():
@@ -103,7 +105,7 @@ from pathlib import Path
 import onnxruntime as ort
 print("onnxruntime", ort.__version__, "from", ort.__file__, "providers", ort.get_available_providers())
 from ptuning_onnx import runtime
-folder = sorted((Path(sys.argv[1]) / "exports").glob("tiny-gpt2-fp32"))[0]
+folder = sorted((Path(sys.argv[1]) / "exports").iterdir())[0]
 start = time.perf_counter()
 model = runtime.load(folder, provider=sys.argv[2])
 print("session providers", json.dumps(model.providers), f"load {time.perf_counter() - start:.1f} s")
