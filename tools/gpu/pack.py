@@ -195,9 +195,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="the folder build.py wrote")
-    p.add_argument("--ort-wheel", type=Path, required=True, help="onnxruntime-gpu wheel (CUDA 13)")
+    p.add_argument("--ort-wheel", type=Path, help="onnxruntime-gpu wheel (CUDA 13); without it, no onnxruntime "
+                   "travels (the GPU side must have one)")
     p.add_argument("--keep-sm", type=int, default=90, help="GPU architecture to keep kernels for (H100: 90)")
     p.add_argument("--out", type=Path, required=True, help="folder for the parts and parts.json")
+    p.add_argument("--part-mib", type=float, default=PART_BYTES / 2**20,
+                   help="part size in MiB (default 60: the GPU machine's limit per call, with room for the repo)")
     args = p.parse_args(argv)
     work, out = args.work.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -205,10 +208,11 @@ def main(argv=None) -> int:
         old.unlink()
     with tempfile.TemporaryDirectory() as tmp:
         ort_dir = Path(tmp) / "ort"
-        trim_ort.main([str(args.ort_wheel), str(ort_dir), "--keep-sm", str(args.keep_sm)])
         raw = Path(tmp) / "core.tar"
         with tarfile.open(raw, "w") as tar:
-            tar.add(ort_dir / "onnxruntime", "ort/onnxruntime")
+            if args.ort_wheel:
+                trim_ort.main([str(args.ort_wheel), str(ort_dir), "--keep-sm", str(args.keep_sm)])
+                tar.add(ort_dir / "onnxruntime", "ort/onnxruntime")
             stats = pack_work(work, tar)
         print(f"packed: {json.dumps(stats)}; tar {raw.stat().st_size / 2**20:.0f} MiB", flush=True)
         subprocess.run(["xz", "-6", "-T0", "-f", str(raw)], check=True)
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
         whole = hashlib.sha256()
         parts = []
         with open(archive, "rb") as fh:
-            while chunk := fh.read(PART_BYTES):
+            while chunk := fh.read(int(args.part_mib * 2**20)):
                 whole.update(chunk)
                 name = f"core.part{len(parts):02d}"
                 (out / name).write_bytes(chunk)
