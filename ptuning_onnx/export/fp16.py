@@ -8,9 +8,10 @@ ops it blocks. What must stay fp32, and why:
   decoders carry such "massive activations" in a few channels; the mean becomes inf and the whole row collapses
   to zero. PyTorch computes this in fp32 too (``LlamaRMSNorm`` upcasts). These nodes get explicit casts: fp32 in,
   fp16 out; the normalised ``x`` and everything else stay fp16. Measured (tools/gpu, H200): a tiny Llama with 400
-  in one channel of every 7th token passed its golden check on CUDA with the rule AND without it, because
-  onnxruntime's own SimplifiedLayerNormalization fusion (CPU and CUDA) also accumulates in fp32 when it matches;
-  the rule makes the fp32 statistics hold whether or not that fusion matches the exporter's pattern.
+  in one channel of every 7th token passed its golden check on CUDA with the statistics in fp16 (that run's
+  graphs came from an earlier version of this rule that inserted no casts), most likely because onnxruntime's
+  SimplifiedLayerNormalization fusion, which accumulates in fp32, matched the pattern. The explicit casts make the
+  fp32 statistics hold whether or not that fusion matches; they have not run on a GPU yet.
 - **LayerNormalization and Softmax**: left in fp16. Their onnxruntime kernels (CPU and CUDA) accumulate mean,
   variance and the softmax sum in fp32 whatever the input type, so casting around them would only add traffic.
 - **The final logits**: the lm_head runs in fp16 with fp32 accumulation (cuBLAS' default compute type); only the
