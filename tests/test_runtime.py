@@ -22,7 +22,7 @@ from ptuning_onnx.runtime.generation import empty_past, positions
 from ptuning_onnx.runtime.session import GraphRunner
 
 GEN_TASKS = ("causal-lm", "causal-lm-llama", "seq2seq-lm")
-# tools/gpu_check.sh sets PTUNING_REQUIRE_CUDA=1: there a missing provider must fail these tests, not skip them.
+# A GPU check may set PTUNING_REQUIRE_CUDA=1: there a missing provider must fail these tests, not skip them.
 needs_cuda = pytest.mark.skipif(not rt.cuda_available() and os.environ.get("PTUNING_REQUIRE_CUDA") != "1",
                                 reason="CUDAExecutionProvider not available")
 
