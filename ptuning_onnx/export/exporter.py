@@ -26,6 +26,7 @@ from ..config import TASK_TO_CLI, TaskType, parse_task
 from ..errors import ConfigError, ExportError, ManifestError, ParityError
 from ..reference import PTuningModel, apply_head_weights, head_modules, load_base
 from . import _optimum, graph_io
+from .genai import write_genai_config
 from .golden import write_golden
 from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
 
@@ -179,6 +180,8 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimization, route)
+        if task == TaskType.CAUSAL_LM:  # onnxruntime-genai's sidecar; hashed below like every other file
+            write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:
             if quantize:
