@@ -31,7 +31,7 @@ def quantize_graph(path: Path, quantize: str, *, external_data: Optional[bool] =
 
 def _quantize_int8(path: Path, external_data: Optional[bool]) -> None:
     """Dynamic int8, the pattern onnxruntime's ``quantize_dynamic`` writes and fuses into DynamicQuantizeMatMul at
-    load: every MatMul with a constant 2-D weight gets int8 weights (one symmetric scale per tensor) and its input
+    load: every MatMul with a constant 2-D weight gets int8 weights (one symmetric scale per output column) and its input
     quantized to uint8 at run time. Written here rather than by ``quantize_dynamic``, whose loader and quantizer keep
     the fp32 graph, a shape-inferred copy and the int8 weights at once (4.1x the fp32 weights on a 1.1B model):
     each fp32 weight is replaced in place, so the graph is in memory once."""
@@ -59,15 +59,17 @@ def _quantize_int8(path: Path, external_data: Optional[bool]) -> None:
             values = numpy_helper.to_array(weight)
             if transposed:  # Gemm's (N, K) weight as MatMul's (K, N)
                 values = np.ascontiguousarray(values.T)
-            scale = max(float(np.abs(values).max()), 1e-12) / 127.0
+            # One symmetric scale per output column: a column of small weights keeps its resolution instead of
+            # sharing the largest weight's step (MiniLM, 20-token adapter: gate error 0.86 per tensor, 0.14 per column).
+            scale = np.maximum(np.abs(values).max(axis=0), 1e-12).astype(np.float32) / np.float32(127.0)
             q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
             del values
             if readers[b] == {"B"}:
                 weight.CopyFrom(numpy_helper.from_array(q, b + "_quantized"))  # the fp32 bytes go here
             else:
                 graph.initializer.append(numpy_helper.from_array(q, b + "_quantized"))
-            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), b + "_scale"),
-                                      numpy_helper.from_array(np.array(0, np.int8), b + "_zero_point")])
+            graph.initializer.extend([numpy_helper.from_array(scale, b + "_scale"),
+                                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), b + "_zero_point")])
             done[b] = b + "_quantized"
         a = node.input[0]
         if a not in quantized_inputs:
