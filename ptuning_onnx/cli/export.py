@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from ..config import CLI_TASKS
-from ..errors import ParityError
+from ..errors import ConfigError, ParityError
 from ._common import run_cli
 
 EXIT_PARITY = 1
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
                    help="torch.onnx route: torchscript inside optimum's patcher (default when optimum-onnx is "
                         "installed) or dynamo (no optimum; for transformers versions optimum does not support)")
+    p.add_argument("--triton-repository", metavar="DIR",
+                   help="also write a Triton Inference Server model repository (onnxruntime backend) from the "
+                        "export: DIR/<name>/config.pbtxt and DIR/<name>/1/ (docs/TRITON.md)")
+    p.add_argument("--triton-model-name", help="the Triton model's name (default: the --output folder's name)")
+    p.add_argument("--triton-max-batch-size", type=int, default=8,
+                   help="max_batch_size of the Triton config; dynamic batching joins requests up to it")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -45,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    triton_name = None
+    if args.triton_repository:
+        from pathlib import Path
+
+        from ..triton import check_target
+
+        triton_name = args.triton_model_name or Path(args.output).resolve().name
+        # Refused before the export runs; write_repository checks again with the task's model names.
+        check_target(args.triton_repository, triton_name, args.task, overwrite=args.overwrite,
+                     max_batch_size=args.triton_max_batch_size)
+    elif args.triton_model_name or args.triton_max_batch_size != 8:
+        raise ConfigError("--triton-model-name and --triton-max-batch-size go with --triton-repository")
     from ..export import export
 
     try:
@@ -60,6 +78,12 @@ def main(argv: Optional[list] = None) -> int:
     if result.report is not None:
         key = "relative_error" if "relative_error" in result.report else "max_abs_diff"  # quantized: parity_quantized
         summary["parity"] = {"passed": result.report["passed"], key: result.report[key]}
+    if args.triton_repository:
+        from ..triton import write_repository
+
+        models = write_repository(result.path, args.triton_repository, name=triton_name,
+                                  max_batch_size=args.triton_max_batch_size, overwrite=args.overwrite)
+        summary["triton"] = [str(m) for m in models]
     print(json.dumps(summary, sort_keys=True))
     return 0
 
