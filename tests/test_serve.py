@@ -91,6 +91,7 @@ def servers(exports, tmp_path_factory):
         "seq-cls": Server(exports["seq-cls"], "--max-wait-ms", "50"),
         "token-cls": Server(exports["token-cls"], "--max-wait-ms", "50"),
         "feature-extraction": Server(exports["feature-extraction"], "--max-wait-ms", "50"),
+        "seq2seq-lm": Server(exports["seq2seq-lm"], "--max-wait-ms", "50"),
         # The drain test's own: a request waits 1.5 s for companions, so it is surely in flight at the SIGTERM.
         "drain": Server(exports["causal-lm"], "--max-wait-ms", "1500", entry_point=True),
     }
@@ -111,7 +112,7 @@ def causal(servers):
 @pytest.fixture(scope="module")
 def oracle(exports):
     return {task: rt.load(exports[task], provider="cpu", threads=1)
-            for task in ("causal-lm", "seq-cls", "token-cls", "feature-extraction")}
+            for task in ("causal-lm", "seq-cls", "token-cls", "feature-extraction", "seq2seq-lm")}
 
 
 def _post(server, path, body, headers=AUTH, **kw):
@@ -201,6 +202,17 @@ def test_batched_answers_equal_the_answers_alone(causal):
     rows = _metric(causal, "ptuning_batch_size_sum", kind="generate") - rows_before
     assert rows == len(requests) and batches < len(requests), (rows, batches)  # some rows really shared a batch
     assert [len(a["token_ids"]) for a in alone] == [r["max_new_tokens"] for r in requests]
+
+
+def test_seq2seq_batches_right_padded_rows_equal_the_runtime(servers, oracle):
+    model = oracle["seq2seq-lm"]
+    requests = [{"input_ids": [row], "max_new_tokens": n, "eos_token_id": []}
+                for row, n in (([5, 6, 7, 8, 9], 6), ([11], 9), ([12, 13], 4))]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda r: _post(servers["seq2seq-lm"], "/v1/generate", r).json(), requests))
+    for r, g in zip(requests, got, strict=True):
+        want = model.generate(input_ids=r["input_ids"], max_new_tokens=r["max_new_tokens"], eos_token_id=[])
+        assert g["outputs"][0]["token_ids"] == want[0].tolist()
 
 
 def test_stream_pieces_add_up_to_the_answer(causal):
