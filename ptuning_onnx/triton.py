@@ -126,6 +126,8 @@ def _tensor(value: dict, extra: str = "") -> str:
         raise ConfigError(f"graph tensor {value['name']} has type {value['type']}, which has no Triton data type "
                           f"here (known: {', '.join(sorted(DATA_TYPES))})")
     dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape[1:])
+    if len(shape) == 1:  # (batch,), e.g. prompt_ids: Triton wants a dim; [1] per request, reshaped to a scalar
+        dims, extra = "1", "    reshape: { shape: [ ] }\n" + extra
     return (f'  {{\n    name: "{value["name"]}"\n    data_type: {DATA_TYPES[value["type"]]}\n'
             f"    dims: [ {dims} ]\n{extra}  }}")
 

@@ -58,6 +58,12 @@ def folders(tmp_path_factory):
         make_peft_adapter(root / f"ad-{task}", MODELS / model, peft_task, auto, num_labels=labels)
         # Parity is proven by the export tests; these tests are about the repository written from a folder.
         out[task] = export(MODELS / model, root / f"ad-{task}", root / task, progress=False, skip_verify=True).path
+    from ptuning_onnx.export.multi import export_multi
+
+    make_peft_adapter(root / "ad-second", MODELS / "gpt2", "CAUSAL_LM", "AutoModelForCausalLM", num_virtual_tokens=3,
+                      seed=1)
+    out["multi"] = export_multi(MODELS / "gpt2", {"a": root / "ad-causal-lm", "b": root / "ad-second"}, root / "multi",
+                                progress=False, skip_verify=True).path
     return out
 
 
@@ -76,8 +82,9 @@ def mismatches(pb2, config, graph: Path) -> list:
         for tensor in declared:
             shape = actual[tensor.name].shape
             want = [d if isinstance(d, int) else -1 for d in shape[1:]]  # batch axis left out: max_batch_size > 0
-            if list(tensor.dims) != want:
-                problems.append(f"{tensor.name}: dims {list(tensor.dims)} != {want}")
+            dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+            if dims != want:
+                problems.append(f"{tensor.name}: dims {dims} != {want}")
             kind = pb2.DataType.Name(tensor.data_type)
             if ONNX_TYPES.get(kind) != actual[tensor.name].type:
                 problems.append(f"{tensor.name}: {kind} != {actual[tensor.name].type}")
@@ -91,10 +98,13 @@ def run_as_configured(config, graph: Path, batch=3, length=5):
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     feed = {}
     for tensor in config.input:
-        shape = [batch] + [length if d == -1 else d for d in tensor.dims]
+        dims = tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims  # what reaches the graph
+        shape = [batch] + [length if d == -1 else d for d in dims]
         if tensor.name.startswith("past_key_values."):
             shape[2] = 0  # the first step: an empty past
-        if tensor.data_type == 9:  # TYPE_INT64
+        if tensor.name == "prompt_ids":  # a multi-prompt folder's adapter per row
+            feed[tensor.name] = np.arange(batch, dtype=np.int64) % 2
+        elif tensor.data_type == 9:  # TYPE_INT64
             feed[tensor.name] = np.ones(shape, np.int64) * (np.arange(shape[-1]) if "position" in tensor.name else 1)
         else:
             feed[tensor.name] = np.zeros(shape, np.float32)
@@ -105,7 +115,7 @@ def run_as_configured(config, graph: Path, batch=3, length=5):
     return session.run(None, feed)
 
 
-@pytest.mark.parametrize("task", ["causal-lm", "seq-cls", "seq2seq-lm"])
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls", "seq2seq-lm", "multi"])
 def test_repository_parses_with_tritons_schema_and_matches_the_graph(pb2, folders, task, tmp_path):
     from ptuning_onnx.triton import write_repository
 
@@ -119,6 +129,9 @@ def test_repository_parses_with_tritons_schema_and_matches_the_graph(pb2, folder
         assert mismatches(pb2, config, graph) == []
         outputs = run_as_configured(config, graph)
         assert all(o.shape[0] == 3 for o in outputs)
+    if task == "multi":  # prompt_ids (batch,): one element per request, reshaped to the graph's scalar per row
+        prompt = next(t for t in parse(pb2, models[0] / "config.pbtxt").input if t.name == "prompt_ids")
+        assert list(prompt.dims) == [1] and list(prompt.reshape.shape) == []
     if task == "seq-cls":
         logits = next(o for o in parse(pb2, models[0] / "config.pbtxt").output if o.name == "logits")
         labels = (models[0] / logits.label_filename).read_text().splitlines()

@@ -17,7 +17,9 @@ EXIT_PARITY = 1
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptuning-export", description=__doc__.split(":")[1].strip())
     p.add_argument("--base-model", required=True, help="folder of the base model (config.json + safetensors)")
-    p.add_argument("--adapter", required=True, help="P-tuning adapter folder (ours or PEFT's)")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="P-tuning adapter folder (ours or PEFT's); repeat as --adapter NAME=DIR for ONE multi-prompt "
+                        "export of several adapters of the same base model, chosen per row by a prompt_ids input")
     p.add_argument("--output", required=True, help="folder to write; refused if non-empty without --overwrite")
     p.add_argument("--task", choices=sorted(CLI_TASKS), help="default: the adapter's task_type")
     p.add_argument("--opset", type=int, default=18)
@@ -66,11 +68,14 @@ def main(argv: Optional[list] = None) -> int:
     from ..export import export
 
     try:
-        result = export(args.base_model, args.adapter, args.output, task=args.task, opset=args.opset,
-                        dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
-                        atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
-                        progress=not args.quiet, exporter=args.exporter,
-                        external_data=True if args.external_data else None)
+        if len(args.adapter) == 1 and "=" not in args.adapter[0]:
+            result = export(args.base_model, args.adapter[0], args.output, task=args.task, opset=args.opset,
+                            dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
+                            atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
+                            progress=not args.quiet, exporter=args.exporter,
+                            external_data=True if args.external_data else None)
+        else:
+            result = _export_multi(args)
     except ParityError as exc:
         print(f"error: parity check failed: {exc}", file=sys.stderr)
         return EXIT_PARITY
@@ -78,6 +83,8 @@ def main(argv: Optional[list] = None) -> int:
     if result.report is not None:
         key = "relative_error" if "relative_error" in result.report else "max_abs_diff"  # quantized: parity_quantized
         summary["parity"] = {"passed": result.report["passed"], key: result.report[key]}
+    if "adapters" in result.manifest:
+        summary["adapters"] = {name: entry["id"] for name, entry in result.manifest["adapters"].items()}
     if args.triton_repository:
         from ..triton import write_repository
 
@@ -86,6 +93,21 @@ def main(argv: Optional[list] = None) -> int:
         summary["triton"] = [str(m) for m in models]
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def _export_multi(args):
+    from ..export.multi import export_multi, parse_adapter_specs
+
+    adapters = parse_adapter_specs(args.adapter)
+    unsupported = [flag for flag, given in (("--dtype fp16", args.dtype != "fp32"), ("--quantize", args.quantize),
+                                            ("--optimize", args.optimize), ("--device cuda", args.device != "cpu"))
+                   if given]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)}: not supported for a multi-prompt export (several --adapter) "
+                          "yet; it is written in fp32 and verified on the CPU")
+    return export_multi(args.base_model, adapters, args.output, task=args.task, opset=args.opset, atol=args.atol,
+                        skip_verify=args.skip_verify, overwrite=args.overwrite, progress=not args.quiet,
+                        exporter=args.exporter, external_data=True if args.external_data else None)
 
 
 if __name__ == "__main__":

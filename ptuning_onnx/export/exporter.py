@@ -284,12 +284,16 @@ def _dynamic_shapes(wrapper, spec: GraphSpec, example) -> tuple:
 
 
 def _export_graphs(ref: PTuningModel, folder: Path, opset: int, route: str,
-                   external_data: Optional[bool] = None) -> list[GraphSpec]:
+                   external_data: Optional[bool] = None, make_wrappers=None) -> list[GraphSpec]:
+    """Trace ``ref``'s graphs into ``folder``; ``make_wrappers()`` builds other modules to trace over the same base
+    (the multi-prompt export's, export/multi.py)."""
     task = ref.task
     if route != "dynamo":
         _optimum.onnx_config(ref.base, task)  # raises a clear ExportError for unsupported architecture/task pairs
     try:
-        if task == TaskType.CAUSAL_LM:
+        if make_wrappers is not None:
+            wrappers = make_wrappers()
+        elif task == TaskType.CAUSAL_LM:
             wrappers = [CausalLMGraph(ref)]
         elif task == TaskType.SEQ_2_SEQ_LM:
             wrappers = [Seq2SeqEncoderGraph(ref), Seq2SeqDecoderGraph(ref)]

@@ -127,14 +127,18 @@ def graph_inputs(session) -> set:
 
 
 def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int, *,
-                    device: str = "cpu", device_id: int = 0, logits_to_keep: bool = True) -> Iterator[np.ndarray]:
+                    device: str = "cpu", device_id: int = 0, logits_to_keep: bool = True,
+                    prompt_ids: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
     """Yield (B,) tokens: prefill on the left-padded prompt (B, L), then one token per step through the KV cache.
 
     The prefill asks for the last position's logits only (``logits_to_keep=1``) when the graph has that input.
+    ``prompt_ids`` (B,) int64: each row's adapter in a multi-prompt folder, fed at every step.
     """
     runner = GraphRunner(session, device, device_id)
     names = graph_inputs(session)
     extra = {"logits_to_keep": np.array(1, np.int64)} if logits_to_keep and "logits_to_keep" in names else {}
+    if prompt_ids is not None:
+        extra["prompt_ids"] = prompt_ids
     feed = {"input_ids": ids, "attention_mask": mask, **empty_past(session, ids.shape[0])}
     if "position_ids" in names:
         feed["position_ids"] = positions(mask)

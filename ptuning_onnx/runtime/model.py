@@ -23,10 +23,11 @@ from . import generation as gen
 from .session import build_sessions, log
 from .tokenizer import load_tokenizer, require
 from .validation import (AttentionMaskError, GenerationParams, InputError, check_batch, check_length,
-                         check_new_tokens, check_texts, eos_ids)
+                         check_new_tokens, check_prompt_ids, check_texts, eos_ids)
 
 POOLINGS = ("mean", "cls")
-STREAM_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed"}
+STREAM_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed",
+                  "adapter"}
 
 
 class RuntimeModel:
@@ -55,6 +56,11 @@ class RuntimeModel:
         self.tokenizer = load_tokenizer(folder, manifest, self.pad_token_id)
         self.padding_side = cfg.get("padding_side") or "right"
         self.padding_invariant = cfg.get("padding_invariant") is not False  # None: exported with --skip-verify
+        # Multi-prompt folders (export/multi.py): {adapter name: prompt id}; None for a single-adapter export.
+        adapters = manifest.get("adapters")
+        self.adapters: Optional[dict] = (dict(sorted(((str(k), int(v["id"])) for k, v in adapters.items()),
+                                                     key=lambda item: item[1]))  # id order (the JSON is sorted)
+                                         if isinstance(adapters, dict) else None)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.task} from {self.path} on {self.device}>"
@@ -90,22 +96,30 @@ class RuntimeModel:
             check_new_tokens(new_tokens, None if limit is None else limit + self.num_virtual_tokens)
         return ids, mask, encoded, single
 
-    def _encoder_feed(self, ids: np.ndarray, mask: np.ndarray) -> dict:
+    def _encoder_feed(self, ids: np.ndarray, mask: np.ndarray, prompt_ids: Optional[np.ndarray] = None) -> dict:
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in {i.name for i in self.sessions["model"].get_inputs()}:
             feed["token_type_ids"] = np.zeros_like(ids)
+        if prompt_ids is not None:
+            feed["prompt_ids"] = prompt_ids
         return feed
 
-    def forward(self, input_ids, attention_mask=None) -> dict:
+    def prompt_ids(self, adapter: Optional[str] = None, adapters=None, batch: int = 1) -> Optional[np.ndarray]:
+        """(B,) int64 prompt ids of a multi-prompt folder from ``adapter`` (every row) or ``adapters`` (one name
+        per row); None for a single-adapter folder, which takes neither."""
+        return check_prompt_ids(self.adapters, adapter, adapters, batch, self.path)
+
+    def forward(self, input_ids, attention_mask=None, *, adapter: Optional[str] = None, adapters=None) -> dict:
         """Raw graph outputs for checked ids (B, L): ``{output name: array}``, user positions only.
 
         causal-lm: ``logits`` (B, L, V) for every position (empty past); encoder tasks: their one graph.
+        ``adapter`` / ``adapters``: a multi-prompt folder's prompt for every row / for each row.
         """
         if "model" not in self.sessions:
             raise InputError(f"forward() runs single-graph tasks; {self.task} has {sorted(self.sessions)}")
         ids, mask, _, _ = self._batch(None, input_ids, attention_mask)
         session = self.sessions["model"]
-        feed = self._encoder_feed(ids, mask)
+        feed = self._encoder_feed(ids, mask, self.prompt_ids(adapter, adapters, ids.shape[0]))
         if self.task == "causal-lm":
             feed = {**feed, **gen.empty_past(session, ids.shape[0])}
             if "position_ids" in gen.graph_inputs(session):  # absent where the model has no positions (ALiBi)
@@ -118,35 +132,40 @@ class _Generative(RuntimeModel):
     """``generate`` and ``stream`` over ``_steps`` (causal-lm and seq2seq-lm)."""
 
 
-    def _steps(self, ids, mask, chooser, params) -> Iterator[np.ndarray]:
+    def _steps(self, ids, mask, chooser, params, prompt_ids=None) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
     def _chooser(self, params, ids, mask):
         return gen.chooser_for(params, ids, mask, self.vocab_size, self.pad_token_id)
 
     def _prepare(self, prompts, input_ids, attention_mask, max_new_tokens, kw):
+        adapter, adapters = kw.pop("adapter", None), kw.pop("adapters", None)
         params = GenerationParams(max_new_tokens=max_new_tokens,
                                   eos_token_ids=eos_ids(kw.pop("eos_token_id", None), self.eos_token_id,
                                                         self.vocab_size), **kw)
         ids, mask, encoded, single = self._batch(prompts, input_ids, attention_mask, params.max_new_tokens)
-        return params, ids, mask, encoded is not None, single
+        prompt_ids = self.prompt_ids(adapter, adapters, ids.shape[0])
+        return params, ids, mask, encoded is not None, single, prompt_ids
 
     def generate(self, prompts=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
-                 eos_token_id: Union[int, list, None] = None, seed: Optional[int] = None):
+                 eos_token_id: Union[int, list, None] = None, seed: Optional[int] = None,
+                 adapter: Optional[str] = None, adapters: Optional[list] = None):
         """Texts for ``prompts`` (one string -> one string), or int64 (B, max_new_tokens) new ids for ``input_ids``.
 
         Greedy unless ``do_sample``. ``eos_token_id``: None -> the model's; ``[]`` -> never stop early. Positions
         after a row's EOS hold the pad id. Causal batches are left-padded; each row gives what it gives alone.
+        Multi-prompt folders: ``adapter="NAME"`` for every row, or ``adapters=[...]`` with one name per row.
         """
-        params, ids, mask, texts, single = self._prepare(
+        params, ids, mask, texts, single, prompt_ids = self._prepare(
             prompts, input_ids, attention_mask, max_new_tokens,
             dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, seed=seed))
+                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, seed=seed, adapter=adapter,
+                 adapters=adapters))
         chooser = self._chooser(params, ids, mask)
-        tokens = gen.collect(self._steps(ids, mask, chooser, params), ids.shape[0], params.max_new_tokens,
-                             self.pad_token_id)
+        tokens = gen.collect(self._steps(ids, mask, chooser, params, prompt_ids), ids.shape[0],
+                             params.max_new_tokens, self.pad_token_id)
         if not texts:
             return tokens
         decoded = require(self.tokenizer, self.path).decode_batch(tokens)
@@ -163,11 +182,12 @@ class _Generative(RuntimeModel):
             raise InputError(f"stream() got unknown option(s) {', '.join(unknown)}; "
                              f"expected: {', '.join(sorted(STREAM_OPTIONS))}")
         kwargs.setdefault("eos_token_id", None)
-        params, ids, mask, texts, _ = self._prepare(prompt, input_ids, attention_mask, max_new_tokens, kwargs)
+        params, ids, mask, texts, _, prompt_ids = self._prepare(prompt, input_ids, attention_mask, max_new_tokens,
+                                                                kwargs)
         if ids.shape[0] != 1:
             raise InputError(f"stream() takes one prompt, got a batch of {ids.shape[0]}; use generate()")
         chooser = self._chooser(params, ids, mask)
-        steps = self._steps(ids, mask, chooser, params)
+        steps = self._steps(ids, mask, chooser, params, prompt_ids)
         return self._text_pieces(steps, params) if texts else self._ids(steps)
 
     @staticmethod
@@ -199,9 +219,9 @@ class CausalLM(_Generative):
     task = "causal-lm"
     required_padding = "left"
 
-    def _steps(self, ids, mask, chooser, params):
+    def _steps(self, ids, mask, chooser, params, prompt_ids=None):
         return gen.causal_lm_steps(self.sessions["model"], ids, mask, chooser, params.max_new_tokens,
-                                   device=self.device, device_id=self.device_id)
+                                   device=self.device, device_id=self.device_id, prompt_ids=prompt_ids)
 
 
 class Seq2SeqLM(_Generative):
@@ -217,7 +237,7 @@ class Seq2SeqLM(_Generative):
     def _chooser(self, params, ids, mask):
         return gen.chooser_for(params, ids, mask, self.vocab_size, self.pad_token_id, self.decoder_start_token_id)
 
-    def _steps(self, ids, mask, chooser, params):
+    def _steps(self, ids, mask, chooser, params, prompt_ids=None):
         return gen.seq2seq_steps(self.sessions["encoder_model"], self.sessions["decoder_model"], ids, mask, chooser,
                                  params.max_new_tokens, self.decoder_start_token_id, device=self.device,
                                  device_id=self.device_id)
@@ -243,11 +263,13 @@ class _Labelled(RuntimeModel):
 class SequenceClassifier(_Labelled):
     task = "seq-cls"
 
-    def classify(self, texts=None, *, input_ids=None, attention_mask=None):
+    def classify(self, texts=None, *, input_ids=None, attention_mask=None, adapter: Optional[str] = None,
+                 adapters: Optional[list] = None):
         """Per row ``{"label", "score", "logits"}``: the argmax label, its probability (softmax; sigmoid for
         multi-label configs) and the raw logits (list of floats, one per label)."""
         ids, mask, _, single = self._batch(texts, input_ids, attention_mask)
-        logits = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask))[0]  # (B, num_labels)
+        feed = self._encoder_feed(ids, mask, self.prompt_ids(adapter, adapters, ids.shape[0]))
+        logits = self.sessions["model"].run(["logits"], feed)[0]  # (B, num_labels)
         scores = self._scores(logits)
         out = [{"label": self._label(int(row.argmax())), "score": float(s[row.argmax()]),
                 "logits": [float(v) for v in row]} for row, s in zip(logits, scores, strict=True)]
@@ -257,11 +279,12 @@ class SequenceClassifier(_Labelled):
 class TokenClassifier(_Labelled):
     task = "token-cls"
 
-    def tag(self, texts):
+    def tag(self, texts, *, adapter: Optional[str] = None, adapters: Optional[list] = None):
         """Per text, one ``{"word", "start", "end", "label", "score"}`` per word (character offsets into the text);
         a word takes the label of its first sub-token."""
         ids, mask, encoded, single = self._batch(texts, None, None)
-        logits = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask))[0]  # (B, L, num_labels)
+        feed = self._encoder_feed(ids, mask, self.prompt_ids(adapter, adapters, ids.shape[0]))
+        logits = self.sessions["model"].run(["logits"], feed)[0]  # (B, L, num_labels)
         scores = self._scores(logits)
         texts = [texts] if single else list(texts)
         out = []
@@ -286,7 +309,7 @@ class FeatureExtractor(RuntimeModel):
     task = "feature-extraction"
 
     def embed(self, texts=None, *, input_ids=None, attention_mask=None, pooling: str = "mean",
-              normalize: bool = False) -> np.ndarray:
+              normalize: bool = False, adapter: Optional[str] = None, adapters: Optional[list] = None) -> np.ndarray:
         """float32 (B, hidden) (or (hidden,) for one string): ``mean`` over the real user tokens, or ``cls``, the
         first user token. Virtual tokens are never pooled (the graph does not output them)."""
         if not isinstance(pooling, str) or pooling not in POOLINGS:
@@ -294,7 +317,8 @@ class FeatureExtractor(RuntimeModel):
         if not isinstance(normalize, (bool, np.bool_)):
             raise InputError(f"normalize must be True or False, got {normalize!r}")
         ids, mask, _, single = self._batch(texts, input_ids, attention_mask)
-        hidden = self.sessions["model"].run(["last_hidden_state"], self._encoder_feed(ids, mask))[0]  # (B, L, H)
+        feed = self._encoder_feed(ids, mask, self.prompt_ids(adapter, adapters, ids.shape[0]))
+        hidden = self.sessions["model"].run(["last_hidden_state"], feed)[0]  # (B, L, H)
         hidden = hidden.astype(np.float32)
         if pooling == "cls":
             first = (mask != 0).argmax(-1)  # the first real token, whichever side the padding is on

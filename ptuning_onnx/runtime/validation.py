@@ -248,3 +248,30 @@ def _float32_positive(value) -> Optional[float]:
     except (OverflowError, ValueError, TypeError):  # an int too big for a float; a Real that will not convert
         return None
     return number if float(_F32.tiny) <= number <= float(_F32.max) else None
+
+
+def check_prompt_ids(known: Optional[dict], adapter, adapters, batch: int, folder) -> Optional[np.ndarray]:
+    """(B,) int64 ids for a multi-prompt folder's ``known`` ``{name: id}``, from ``adapter`` (one name for every
+    row) or ``adapters`` (one per row); None for a single-adapter folder (``known`` None), which takes neither."""
+    if known is None:
+        if adapter is not None or adapters is not None:
+            raise InputError(f"{folder} is a single-adapter export; adapter= and adapters= choose among the prompts "
+                             "of a multi-prompt export")
+        return None
+    if (adapter is None) == (adapters is None):
+        raise InputError(f"{folder} holds {len(known)} prompts ({', '.join(known)}): pass adapter='NAME' for every "
+                         "row or adapters=[...] with one name per row (one of the two)")
+    if adapter is not None:
+        if not isinstance(adapter, str):
+            raise InputError(f"adapter must be a name (str), got {type(adapter).__name__}")
+        names = [adapter] * batch
+    else:
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)):
+            raise InputError(f"adapters must be a list of names, one per row, got {type(adapters).__name__}")
+        names = list(adapters)
+        if len(names) != batch:
+            raise InputError(f"adapters has {len(names)} names for a batch of {batch} rows")
+    unknown = sorted({str(n) for n in names if not isinstance(n, str) or n not in known})
+    if unknown:
+        raise InputError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; {folder} holds: {', '.join(known)}")
+    return np.array([known[n] for n in names], np.int64)

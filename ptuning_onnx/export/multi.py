@@ -1,0 +1,317 @@
+"""Multi-prompt export: several P-tuning adapters of one base model in ONE set of graphs.
+
+The graphs take one more input, ``prompt_ids`` (B,) int64, that picks each row's adapter, so the rows of one
+batch can use different prompts. The prompts are stacked into tables padded to the longest, N virtual tokens:
+adapter k's n_k real slots come first, its N - n_k pad slots after, and the pad slots are masked out of attention.
+Positions are per row, so each row gives what that adapter's single export gives, its positions included: the
+prompt at 0..n_k-1 and the row's first real token at n_k.
+
+- causal-lm: each adapter's prompt keys/values are computed once here, as in the single export (wrappers.py),
+  and stacked to (K, kv_heads, N, head_dim) per layer; the graph gathers a row's with ``prompt_ids``.
+- feature-extraction: the prompt tables (K, N, hidden) are gathered and prepended to the embeddings.
+- seq-cls and token-cls adapters each carry their own trained head, and seq2seq-lm is not done yet: refused.
+
+Every adapter must be for the same task and the same base model (its recorded base's config.json, where that
+folder exists, must hash like the given base's); a mismatch is refused naming the adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import manifest as mf
+from .._fs import temp_beside
+from ..adapter import load_adapter
+from ..config import TASK_TO_CLI, TaskType, parse_task
+from ..errors import ConfigError, PtuningError
+from ..reference import PTuningModel
+from . import _optimum
+from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
+                       _install, _resolve_route, _verified, load_reference)
+from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, GraphSpec, _cache, _kv_names, _layers
+
+PROMPT_IDS = "prompt_ids"
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION)
+
+
+def parse_adapter_specs(specs: list) -> dict:
+    """``["NAME=DIR", ...]`` -> ``{name: Path(DIR)}`` in the given order; names unique and plain."""
+    out: dict = {}
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--adapter {spec!r}: with several adapters each is NAME=DIR")
+        if not ADAPTER_NAME.match(name):
+            raise ConfigError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
+                              "letter or digit")
+        if name in out:
+            raise ConfigError(f"adapter name {name!r} is given twice")
+        out[name] = Path(path)
+    if not out:
+        raise ConfigError("no adapters given")
+    return out
+
+
+def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple[dict, dict]:
+    """-> ({name: baked PTuningModel}, {name: Adapter}); every reference shares ONE loaded base model."""
+    base_dir = Path(base_model)
+    loaded = {}
+    for name, path in adapters.items():
+        try:
+            loaded[name] = load_adapter(path)
+        except PtuningError as exc:
+            raise ConfigError(f"adapter {name!r} ({path}): {exc}") from None
+    tasks = {}
+    for name, adapter in loaded.items():
+        wanted = task or adapter.config.task_type
+        if not wanted:
+            raise ConfigError(f"adapter {name!r} has no task_type in its config; pass --task")
+        tasks[name] = parse_task(wanted)
+    first = next(iter(loaded))
+    for name, found in tasks.items():
+        if found != tasks[first]:
+            raise ConfigError(f"adapter {name!r} is for task {TASK_TO_CLI[found]} but {first!r} is for "
+                              f"{TASK_TO_CLI[tasks[first]]}; one multi-prompt export holds one task")
+    if tasks[first] not in MULTI_TASKS:
+        raise ConfigError(f"several adapters in one export: supported for "
+                          f"{', '.join(TASK_TO_CLI[t] for t in MULTI_TASKS)}, not {TASK_TO_CLI[tasks[first]]} "
+                          "(seq-cls and token-cls adapters each carry their own head); export them one by one")
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"base model folder {base_dir} has no config.json")
+    base_sha = mf.sha256_file(base_dir / "config.json")
+    for name, adapter in loaded.items():
+        recorded = adapter.config.base_model_name_or_path
+        config = Path(recorded) / "config.json" if recorded else None
+        if config is not None and config.is_file() and mf.sha256_file(config) != base_sha:
+            raise ConfigError(f"adapter {name!r} was trained on {recorded}, whose config.json differs from "
+                              f"--base-model {base_dir}'s (sha256 {mf.sha256_file(config)[:12]}... != "
+                              f"{base_sha[:12]}...); every adapter must share the base model")
+    refs = {first: load_reference(base_dir, loaded[first], tasks[first])}
+    base = refs[first].base
+    width = int(refs[first].table.shape[1])
+    for name, adapter in loaded.items():
+        if name == first:
+            continue
+        if adapter.prompt_embeddings.shape[1] != width:
+            raise ConfigError(f"adapter {name!r} has token_dim {adapter.prompt_embeddings.shape[1]} but the base "
+                              f"model's hidden size is {width}; every adapter must share the base model")
+        refs[name] = PTuningModel(base, adapter.prompt().to(base.dtype), tasks[first]).eval()
+    lengths = {name: ref.n for name, ref in refs.items()}
+    if len(set(lengths.values())) > 1 and not refs[first]._takes_positions:
+        raise ConfigError(f"'{base.config.model_type}' takes no explicit positions, so prompts of different lengths "
+                          f"({lengths}) cannot share a graph exactly; give every adapter the same num_virtual_tokens")
+    return refs, loaded
+
+
+def _padded(tables: list, length: int, axis: int) -> torch.Tensor:
+    """Stack tensors along a new axis 0, each zero-padded to ``length`` on ``axis`` (real entries first)."""
+    out = []
+    for table in tables:
+        pad = list(table.shape)
+        pad[axis] = length - table.shape[axis]
+        out.append(torch.cat([table, table.new_zeros(pad)], axis))
+    return torch.stack(out)
+
+
+class MultiCausalLMGraph(nn.Module):
+    """Decoder with past; K prompts' keys/values as constants, one picked per row by ``prompt_ids``.
+
+    Inputs: input_ids (B, S); attention_mask (B, P+S); position_ids (B, S); prompt_ids (B,) in [0, K);
+        past_key_values.{i}.key|value (B, KV, P, Dh); logits_to_keep () default 0 = all.
+    Outputs: logits (B, S or k, V); present.{i}.key|value (B, KV, P+S, Dh) (user positions only).
+    """
+
+    def __init__(self, refs: list):
+        super().__init__()
+        singles = [CausalLMGraph(ref) for ref in refs]  # each computes its prompt's keys/values, as a single export
+        first = singles[0]
+        self.model, self.num_layers = first.model, first.num_layers
+        self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
+        self.takes_positions, self._keep_native = first.takes_positions, first._keep_native
+        self.n = max(s.n for s in singles)  # N: the graph's prompt slots
+        for i in range(self.num_layers):
+            for kind in ("key", "value"):
+                table = _padded([getattr(s, f"prompt_{kind}_{i}")[0] for s in singles], self.n, 1)
+                self.register_buffer(f"prompt_{kind}_{i}", table)  # (K, KV, N, Dh)
+        self.register_buffer("prompt_mask", _padded([torch.ones(s.n, dtype=torch.long) for s in singles], self.n, 0))
+        # User position p of a row of adapter k sits at model position n_k + offset + p, as in its single export.
+        self.register_buffer("prompt_offset", torch.tensor([s.offset for s in singles], dtype=torch.long))
+
+    def spec(self) -> GraphSpec:
+        past, present = _kv_names("past_key_values", self.num_layers), _kv_names("present", self.num_layers)
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+                "position_ids": {0: "batch", 1: "sequence"}, PROMPT_IDS: {0: "batch"},
+                "logits": {0: "batch", 1: "logits_sequence"}}
+        axes.update({name: {0: "batch", 2: "past_sequence"} for name in past})
+        axes.update({name: {0: "batch", 2: "total_sequence"} for name in present})
+        return GraphSpec("model", ["input_ids", "attention_mask", "position_ids", PROMPT_IDS, *past, LOGITS_TO_KEEP],
+                         ["logits", *present], axes, defaults={LOGITS_TO_KEEP: 0})
+
+    def example(self, batch=2, seq=3, past=4):
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        g = torch.Generator().manual_seed(0)
+        dtype = self.prompt_key_0.dtype
+        return (torch.randint(0, vocab, (batch, seq), generator=g), torch.ones(batch, past + seq, dtype=torch.long),
+                torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous(),
+                torch.arange(batch) % self.prompt_mask.shape[0],
+                [torch.randn(batch, self.kv_heads, past, self.head_dim, generator=g).to(dtype)
+                 for _ in range(2 * self.num_layers)],
+                torch.tensor(0))
+
+    def forward(self, input_ids, attention_mask, position_ids, prompt_ids, past, logits_to_keep):
+        cache = []
+        for i in range(self.num_layers):
+            key = getattr(self, f"prompt_key_{i}").index_select(0, prompt_ids)  # (B, KV, N, Dh)
+            value = getattr(self, f"prompt_value_{i}").index_select(0, prompt_ids)
+            cache.append((torch.cat([key, past[2 * i]], 2), torch.cat([value, past[2 * i + 1]], 2)))
+        prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
+        mask = torch.cat([prompt_mask, attention_mask], 1)
+        steps = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1  # (S,) = 0..S-1, kept dynamic in the trace
+        seq = steps[-1:] + 1
+        keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
+        index = steps[steps >= seq - keep]
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
+        if self.takes_positions:
+            kwargs["position_ids"] = position_ids + self.prompt_offset.index_select(0, prompt_ids).unsqueeze(1)
+        if self._keep_native:
+            out = self.model(**kwargs, logits_to_keep=index)
+            logits = out["logits"]
+        else:
+            out = self.model(**kwargs)
+            logits = out["logits"].index_select(1, index)
+        presents = []
+        for key, value in _layers(out["past_key_values"]):
+            presents += [key[:, :, self.n:], value[:, :, self.n:]]  # the N prompt slots are the graph's own
+        return (logits, *presents)
+
+
+class MultiEncoderGraph(nn.Module):
+    """feature-extraction with K prompt tables, one picked per row by ``prompt_ids``.
+
+    Inputs: input_ids (B, S), attention_mask (B, S) [, token_type_ids (B, S)], prompt_ids (B,).
+    Output: last_hidden_state (B, S, D), user positions only.
+    """
+
+    def __init__(self, refs: list, extra_inputs: list):
+        super().__init__()
+        first = refs[0]
+        self.base, self.extra = first.base, list(extra_inputs)
+        self.n = max(ref.n for ref in refs)
+        self.takes_positions, self.offset = first._takes_positions, first.position_offset
+        self.register_buffer("tables", _padded([ref.prompt_embeds(1)[0] for ref in refs], self.n, 0))  # (K, N, D)
+        self.register_buffer("prompt_mask", _padded([torch.ones(ref.n, dtype=torch.long) for ref in refs], self.n, 0))
+        self.register_buffer("prompt_n", torch.tensor([ref.n for ref in refs], dtype=torch.long))
+
+    def spec(self) -> GraphSpec:
+        names = ["input_ids", "attention_mask", *self.extra, PROMPT_IDS]
+        axes = {name: {0: "batch", 1: "sequence"} for name in names}
+        axes[PROMPT_IDS] = {0: "batch"}
+        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+        return GraphSpec("model", names, ["last_hidden_state"], axes)
+
+    def example(self, batch=2, seq=5):
+        vocab = self.base.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+        return (ids, torch.ones_like(ids), *[torch.zeros_like(ids) for _ in self.extra],
+                torch.arange(batch) % self.prompt_mask.shape[0])
+
+    def forward(self, input_ids, attention_mask, *rest):
+        token_type_ids, prompt_ids = (rest[0] if self.extra else None), rest[-1]
+        prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
+        embeds = self.base.get_input_embeddings()(input_ids)
+        kwargs = {"inputs_embeds": torch.cat([self.tables.index_select(0, prompt_ids).to(embeds.dtype), embeds], 1),
+                  "attention_mask": torch.cat([prompt_mask, attention_mask], 1)}
+        if self.takes_positions:
+            # As PTuningModel.extend_inputs, per row: slots at 0..N-1 (a row's real ones at 0..n_k-1, the rest
+            # masked), its user tokens at n_k + index among its real tokens.
+            slots = (torch.cumsum(torch.ones_like(prompt_mask), -1) - 1)
+            user = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            user = user + self.prompt_n.index_select(0, prompt_ids).unsqueeze(1)
+            kwargs["position_ids"] = torch.cat([slots, user], 1) + self.offset
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.cat([torch.zeros_like(prompt_mask).to(token_type_ids.dtype),
+                                                  token_type_ids], 1)
+        return self.base(**kwargs)["last_hidden_state"][:, self.n:]
+
+
+def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *, task=None, opset: int = 18,
+                 atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
+                 progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None) -> ExportResult:
+    """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``; fp32.
+
+    Parity: each adapter's rows of a mixed, padded batch against that adapter alone (parity_multi.py).
+    """
+    from ..parity_multi import check_multi
+    from ..tolerance import default_atol
+
+    output = _check_output(output, overwrite)
+    if not isinstance(opset, int) or not 14 <= opset <= 21:
+        raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
+    if external_data not in (None, True, False):
+        raise ConfigError(f"external_data must be None, True or False, got {external_data!r}")
+    if not adapters:
+        raise ConfigError("no adapters given")
+    route = _resolve_route(exporter)
+    log = Progress(progress)
+    with log.step(f"loading base model and {len(adapters)} adapters"):
+        refs, loaded = load_references(base_model, adapters, task)
+    names = list(refs)
+    ordered = [refs[name] for name in names]
+    first = ordered[0]
+    if first.task == TaskType.CAUSAL_LM:
+        def make():
+            return [MultiCausalLMGraph(ordered)]
+    else:
+        def make():
+            return [MultiEncoderGraph(ordered, _optimum.extra_inputs(first.base, first.task))]
+    tmp = temp_beside(output)
+    try:
+        with log.step(f"exporting one {TASK_TO_CLI[first.task]} graph for {len(names)} prompts (opset {opset}, "
+                      f"{route})"):
+            graphs = _export_graphs(first, tmp, opset, route, external_data, make_wrappers=make)
+        _copy_side_files(Path(base_model), first, tmp)
+        manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
+                                   loaded[names[0]].config, opset, "fp32", None, None, route)
+        _describe(manifest, refs, loaded, adapters)
+        report = None
+        if not skip_verify:
+            tolerance = default_atol() if atol is None else atol
+            with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
+                          f"(atol {tolerance:g})"):
+                report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance), output)
+            manifest["parity"] = report
+            manifest["model"]["padding_invariant"] = True  # the check compares padded rows with rows alone
+        manifest["files"] = mf.hash_files(tmp, [p.name for p in tmp.iterdir()
+                                                if p.is_file() and p.name != mf.MANIFEST_NAME])
+        mf.write_manifest(tmp, manifest)
+        _install(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(output, manifest, report)
+
+
+def _describe(manifest: dict, refs: dict, loaded: dict, paths: dict) -> None:
+    """The manifest of a multi-prompt folder: ``adapters`` {name: id, ...}; lengths count the longest prompt."""
+    n = max(ref.n for ref in refs.values())
+    manifest["num_virtual_tokens"] = n  # the graph's prompt slots (N); each adapter's own n is under adapters
+    limit = manifest["model"]["max_user_tokens"]
+    first = next(iter(refs.values()))
+    if limit is not None:  # limit - n_first, from _build_manifest; the longest prompt leaves the least room
+        manifest["model"]["max_user_tokens"] = limit + first.n - n
+    manifest["adapter"] = None
+    manifest["adapter_config"] = None
+    manifest["prompt_input"] = PROMPT_IDS
+    manifest["adapters"] = {
+        name: {"id": index, "num_virtual_tokens": refs[name].n, "path": str(Path(paths[name]).resolve()),
+               "adapter_config": loaded[name].config.to_dict()}
+        for index, name in enumerate(refs)}
+    manifest["golden"] = None  # golden.npz is written for single-adapter folders only (docs/FORMAT.md)

@@ -1,0 +1,171 @@
+"""Parity of a multi-prompt folder: each adapter's rows of ONE mixed, padded batch against that adapter alone.
+
+The batch has two rows per adapter, in turn: one of 7 tokens and one padded (4, 1, 3, ... real tokens), so rows of
+every adapter share the graph and padding at once. Each row is compared, on its real positions, with the PyTorch
+reference of ITS adapter run on that row alone, unpadded (the same reference a single-adapter export is held to;
+names, then shapes, then values). Causal LMs also decode ``GREEDY_STEPS`` greedy steps through the KV cache in the
+mixed batch: tokens must equal each row's reference alone. Negative control: the same batch with every row given
+another adapter's id (or, with one adapter, a perturbed prompt) must differ from the right reference by more than
+the tolerance, for every row.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import manifest as mf
+from .errors import ParityError
+from .reference import PTuningModel
+
+GREEDY_STEPS, LENGTH = 8, 7
+PADDED = (4, 1, 3, 5, 2, 6)  # real tokens of each adapter's padded row, in turn
+
+
+def _batch(names: list, vocab: int, side: str, seed: int):
+    """(ids, mask, prompt_ids) for 2K rows: adapter k's unpadded row, then the padded rows."""
+    rng = np.random.default_rng(seed)
+    k = len(names)
+    ids = rng.integers(0, vocab, size=(2 * k, LENGTH), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for row in range(k, 2 * k):
+        pad = LENGTH - PADDED[(row - k) % len(PADDED)]
+        cut = slice(0, pad) if side == "left" else slice(LENGTH - pad, LENGTH)
+        ids[row, cut], mask[row, cut] = 0, 0
+    return ids, mask, np.tile(np.arange(k, dtype=np.int64), 2)
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    return np.clip(np.cumsum(mask, -1) - 1, 0, None)
+
+
+def _alone(ref: PTuningModel, ids: np.ndarray, output: str) -> np.ndarray:
+    """The reference on one unpadded row (1, l) -> its per-position output (l, ...)."""
+    row = torch.from_numpy(ids[None])
+    with torch.no_grad():
+        return ref(row, torch.ones_like(row))[output][0].float().numpy()
+
+
+class _Graph:
+    def __init__(self, folder: Path, manifest: dict):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the optional-input initializer warning is expected
+        self.session = ort.InferenceSession(str(mf.graph_path(folder, manifest, "model")), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict) -> dict:
+        feed = {k: v for k, v in feed.items() if k in self.inputs}
+        return dict(zip(self.outputs, self.session.run(None, feed), strict=True))
+
+    def empty_past(self, batch: int) -> dict:
+        return {name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+                for name, i in self.inputs.items() if name.startswith("past_key_values.")}
+
+
+def _prefill(graph: _Graph, task: str, ids, mask, prompt_ids) -> dict:
+    feed = {"input_ids": ids, "attention_mask": mask, "prompt_ids": prompt_ids, "token_type_ids": np.zeros_like(ids)}
+    if task == "causal-lm":
+        feed.update(position_ids=_positions(mask), **graph.empty_past(ids.shape[0]))
+    return graph.run(feed)
+
+
+def _greedy(graph: _Graph, ids, mask, prompt_ids, steps: int):
+    """Greedy tokens (B, steps) and their logits (B, steps, V) through the graph's KV cache, mixed batch."""
+    out = _prefill(graph, "causal-lm", ids, mask, prompt_ids)
+    tokens, logits = [], []
+    for step in range(steps):
+        logits.append(out["logits"][:, -1])
+        token = out["logits"][:, -1].argmax(-1)[:, None]
+        tokens.append(token)
+        if step == steps - 1:
+            break
+        mask = np.concatenate([mask, np.ones_like(token)], 1)
+        feed = {"input_ids": token, "attention_mask": mask, "prompt_ids": prompt_ids,
+                "position_ids": mask.sum(-1, keepdims=True) - 1}
+        feed.update({name: out[name.replace("past_key_values", "present", 1)] for name in graph.empty_past(1)})
+        out = graph.run(feed)
+    return np.concatenate(tokens, 1), np.stack(logits, 1)
+
+
+def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float = 1e-4, seed: int = 0) -> dict:
+    """Verify a multi-prompt folder against ``refs`` ({adapter name: PTuningModel}, in id order); raises
+    ``ParityError`` (with ``.report``) on failure, returns the report."""
+    folder = Path(folder)
+    task = manifest["task"]
+    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    names = list(refs)
+    ids_of = {name: entry["id"] for name, entry in manifest["adapters"].items()}
+    report: dict = {"passed": False, "atol": atol, "adapters": {}, "max_abs_diff": {}}
+    if [ids_of.get(name) for name in names] != list(range(len(names))):
+        raise _failure(f"manifest adapters {ids_of} do not map {names} to ids 0..{len(names) - 1}", report)
+    graph = _Graph(folder, manifest)
+    if "prompt_ids" not in graph.inputs:  # names first
+        raise _failure(f"the graph has no prompt_ids input (inputs: {sorted(graph.inputs)})", report)
+    vocab = int(manifest["model"]["vocab_size"])
+    ids, mask, prompt_ids = _batch(names, vocab, manifest["model"]["padding_side"], seed)
+    got = _prefill(graph, task, ids, mask, prompt_ids)[output]
+    if got.shape[:2] != ids.shape:  # then shapes
+        raise _failure(f"{output} has shape {list(got.shape)} for input {list(ids.shape)}", report)
+    wanted = [_alone(refs[names[p]], ids[r][mask[r] == 1], output) for r, p in enumerate(prompt_ids)]
+    for row, prompt in enumerate(prompt_ids):  # then values, per adapter
+        diff = float(np.abs(got[row][mask[row] == 1] - wanted[row]).max())
+        entry = report["adapters"].setdefault(names[prompt], {"rows": 0, "max_abs_diff": {}})
+        entry["rows"] += 1
+        entry["max_abs_diff"][output] = max(entry["max_abs_diff"].get(output, 0.0), diff)
+    report["max_abs_diff"][output] = max(e["max_abs_diff"][output] for e in report["adapters"].values())
+    if task == "causal-lm":
+        tokens, logits = _greedy(graph, ids, mask, prompt_ids, GREEDY_STEPS)
+        equal = True
+        for row, prompt in enumerate(prompt_ids):
+            row_ids = torch.from_numpy(ids[row][mask[row] == 1][None])
+            want_tokens, want_logits = refs[names[prompt]].greedy(row_ids, torch.ones_like(row_ids), GREEDY_STEPS,
+                                                                  return_logits=True)
+            equal &= bool(np.array_equal(tokens[row], want_tokens[0].numpy()))
+            diff = float(np.abs(logits[row] - want_logits[0].float().numpy()).max())
+            entry = report["adapters"][names[prompt]]["max_abs_diff"]
+            entry["greedy_logits"] = max(entry.get("greedy_logits", 0.0), diff)
+        report["greedy_steps"], report["greedy_tokens_equal"] = GREEDY_STEPS, equal
+        report["max_abs_diff"]["greedy_logits"] = max(e["max_abs_diff"]["greedy_logits"]
+                                                      for e in report["adapters"].values())
+    report["negative_control"] = _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids,
+                                                   wanted, atol)
+    worst = max(report["max_abs_diff"].values())
+    if worst > atol or not report.get("greedy_tokens_equal", True):
+        raise _failure(f"a multi-prompt row differs from its adapter alone: max abs diff {worst:.3g} (atol {atol:g})"
+                       + ("" if report.get("greedy_tokens_equal", True) else "; greedy tokens differ"), report)
+    if not report["negative_control"]["failed_as_expected"]:
+        raise _failure("negative control passed: rows given the wrong prompt still match their adapter, so the "
+                       "check cannot see the prompt", report)
+    report["passed"] = True
+    return report
+
+
+def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, wanted, atol) -> dict:
+    """Every row with ANOTHER adapter's id must miss its own adapter's reference. With a single adapter there is
+    no other id: its rows are measured against a perturbed prompt's reference instead."""
+    if len(names) > 1:
+        wrong = (prompt_ids + 1) % len(names)
+        got = _prefill(graph, task, ids, mask, wrong)[output]
+        how = "each row given the next adapter's prompt id"
+    else:
+        from .parity import perturbed
+
+        got = _prefill(graph, task, ids, mask, prompt_ids)[output]
+        control = perturbed(refs[names[0]])
+        wanted = [_alone(control, ids[r][mask[r] == 1], output) for r in range(len(ids))]
+        how = "rows measured against a perturbed prompt's reference (one adapter: no other id)"
+    diffs = [float(np.abs(got[r][mask[r] == 1] - wanted[r]).max()) for r in range(len(ids))]
+    return {"how": how, "min_row_max_abs_diff": min(diffs), "failed_as_expected": min(diffs) > atol}
+
+
+def _failure(message: str, report: dict) -> ParityError:
+    exc = ParityError(message)
+    exc.report = report
+    return exc
