@@ -55,7 +55,10 @@ class Row:
         self.cancelled = True
 
     def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is waiting any more
+            pass
 
 
 class Batcher:
@@ -136,8 +139,8 @@ class Batcher:
         return True
 
     def _run(self, rows: list) -> None:
-        self.on_batch(rows[0].kind, len(rows))
         try:
+            self.on_batch(rows[0].kind, len(rows))
             kind = rows[0].kind
             if kind == GENERATE:
                 self._generate(rows)
@@ -156,7 +159,7 @@ class Batcher:
             for row, result in zip(rows, results, strict=True):
                 row.emit("done", row.index, result)
         except Exception as exc:  # reported to each waiting request (a 500 with a message); the worker goes on
-            for row in rows:
+            for row in rows:  # a row that already reported "done" has its answer; the extra event is ignored
                 row.emit("error", row.index, exc)
 
     def _generate(self, rows: list) -> None:
