@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from . import distributed as dist_
 from .adapter import Adapter
 from .checkpoint import (LOG_NAME, PLOT_NAME, RUN_DEFINING, STATE_FORMAT, all_finite, check_output, check_resumable,
                          load_checkpoint, model_weights, non_finite_part, save_checkpoint)
@@ -162,8 +163,20 @@ def train(args: TrainArgs) -> TrainResult:
     """Train (or resume) as ``args`` says and write the adapter, checkpoint and log to ``args.output``."""
     task = parse_task(args.task)
     output = Path(args.output)
-    device = resolve_device(args.device)
-    state = check_output(output, resume=args.resume)
+    world = dist_.from_env()  # torchrun / accelerate launch; a world of one otherwise (distributed.py)
+    device = dist_.init(world, resolve_device(args.device))
+    try:
+        return _train(args, task, output, world, device)
+    finally:
+        dist_.finish(world)
+
+
+def _train(args: TrainArgs, task: TaskType, output: Path, world: dist_.World, device: torch.device) -> TrainResult:
+    # Rank 0 checks (and may tidy) the output folder before the other ranks read it.
+    state = check_output(output, resume=args.resume) if world.main else None
+    dist_.barrier(world)
+    if not world.main:
+        state = check_output(output, resume=args.resume)
 
     # Everything about the data is checked before the model is even loaded.
     if not (Path(args.base_model) / "config.json").is_file():
@@ -200,7 +213,7 @@ def train(args: TrainArgs) -> TrainResult:
         scaler = torch.amp.GradScaler("cuda") if use_amp and device.type == "cuda" else None
         run = _Run(args=args, task=task, output=output, info=info, config=config, model=model, optimizer=optimizer,
                    scaler=scaler, device=device, amp_dtype=amp_dtype, labels=labels, train_hash=train_hash,
-                   train_data=train_data, eval_data=eval_data)
+                   train_data=train_data, eval_data=eval_data, world=world)
         if state is not None:
             run.restore(state)
         elif eval_data is not None:
@@ -228,6 +241,7 @@ class _Run:
     train_hash: str
     train_data: TaskData
     eval_data: Optional[TaskData]
+    world: dist_.World = field(default_factory=dist_.World)
     step: int = 0
     epoch: int = 0  # epochs completed
     steps_in_epoch: int = 0  # optimizer steps already taken in epoch ``epoch`` (mid-epoch checkpoint)
@@ -236,7 +250,7 @@ class _Run:
     saved_step: Optional[int] = None  # step of the newest checkpoint on disk, for the divergence message
 
     def say(self, message: str) -> None:
-        if not self.args.quiet:
+        if not self.args.quiet and self.world.main:
             from tqdm import tqdm
 
             tqdm.write(message)
@@ -250,7 +264,7 @@ class _Run:
         if args.max_steps is not None:
             total = min(total, args.max_steps)
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", dynamic_ncols=True,
-                   disable=args.quiet or not sys.stderr.isatty())
+                   disable=args.quiet or not sys.stderr.isatty() or not self.world.main)
         try:
             while self.epoch < args.epochs and self.step < total:
                 batches = epoch_order(len(self.train_data), args.batch_size, args.seed, self.epoch)
@@ -281,20 +295,35 @@ class _Run:
         side = padding_side(self.model)
         total = 0.0
         where = f"step {self.step + 1} (epoch {self.epoch + 1})"
+        world = self.world
         for indices in group:
-            examples = [self.train_data.examples[i] for i in indices]
-            batch = collate(examples, self.task, pad_id=self.info.pad_id, padding_side=side)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            # In a world of N, this rank's rows of the global micro-batch; its loss is weighted by its share of the
+            # loss items so that the summed gradients are the one-process mean (distributed.py).
+            examples = [self.train_data.examples[i] for i in dist_.shard(indices, world)]
+            batch = None
+            if examples:
+                batch = collate(examples, self.task, pad_id=self.info.pad_id, padding_side=side)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+            items = dist_.loss_items(batch, self.task) if batch is not None else 0
+            everyone = dist_.all_sum(float(items), world, self.device) if world.distributed else float(items)
             with _autocast(self.device, self.amp_dtype):
-                loss = self.model(**batch).loss.float()
+                if batch is not None:
+                    loss = self.model(**batch).loss.float()
+                else:  # no row here (a micro-batch smaller than the world): the prompt encoder still runs once,
+                    # as on every other rank, so the ranks' dropout RNGs stay in step; its gradient is zero
+                    loss = self.model.prompt_embeds(1).float().sum() * 0.0
+            share = items / everyone if world.distributed and everyone > 0 else 1.0
             value = loss.item()
+            if world.distributed:
+                value = dist_.all_sum(value * items, world, self.device) / max(everyone, 1.0)
             if not math.isfinite(value):
                 rows = sorted(e.row for e in examples)  # for when a row, not the rate, is the cause
                 named = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
                 raise self.diverged(where, f"the training loss is {value} (rows {named} of {self.args.train_file})")
-            scaled = loss / len(group)  # a partial last group still averages over what it has
+            scaled = loss * share / len(group)  # a partial last group still averages over what it has
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += value
+        dist_.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]], world)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself when a (scaled) gradient overflowed
             self.scaler.update()
@@ -344,8 +373,10 @@ class _Run:
         log = {"args": asdict(self.args), "seed": self.args.seed, "task": self.task.value, "labels": self.labels,
                "step": self.step, "epochs_completed": self.epoch, "steps": self.steps, "evals": self.evals,
                "train_sha256": self.train_hash}
-        save_checkpoint(self.output, weights=weights, adapter=adapter, optimizer=self.optimizer, scaler=self.scaler,
-                        device=self.device, meta=meta, log=log, plot=plot)
+        if self.world.main:  # every rank holds the same weights; one writes them
+            save_checkpoint(self.output, weights=weights, adapter=adapter, optimizer=self.optimizer,
+                            scaler=self.scaler, device=self.device, meta=meta, log=log, plot=plot)
+        dist_.barrier(self.world)
         self.saved_step = self.step
 
     def restore(self, state: dict) -> None:

@@ -10,6 +10,7 @@ resumed); 3 internal error (see ``_common``); 130 interrupted. Every failure is 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -80,7 +81,7 @@ def main(argv: Optional[list] = None) -> int:
         return EXIT_FAILED
     finally:
         transformers.logging.set_verbosity(verbosity)  # main() is also called in-process (tests, other tools)
-    if not ns.quiet:
+    if not ns.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         last = result.evals[-1] if result.evals else None
         metric = ""
         if last is not None:
