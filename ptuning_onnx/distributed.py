@@ -15,6 +15,11 @@ one (or none) nothing here does anything, so ``ptuning-train`` runs unchanged ei
 
 Backends: gloo on CPU, nccl on CUDA (each rank on ``cuda:LOCAL_RANK``).
 
+``accelerate launch --multi_gpu --num_processes N`` starts its processes through torch's elastic launcher, so it
+sets the same variables; not run here (no GPUs). On the CPU, ``accelerate launch --cpu --num_processes 2`` started
+ONE process on this machine (accelerate's multi-CPU mode wants MPI): that trains, correctly, as one process. Use
+torchrun on CPUs.
+
 Tested (tests/test_train_distributed.py): 2 CPU processes against one on seq-cls (BERT, LSTM encoder with dropout,
 uneven 3 + 2 row shares, grad accumulation): the adapter within 1e-4 of each tensor's scale, step losses within
 1e-5, and a one-process resume from the 2-process checkpoint. Not exact for causal-lm batches whose rows differ in
