@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -94,9 +95,13 @@ def _greedy(graph: _Graph, ids, mask, prompt_ids, steps: int):
     return np.concatenate(tokens, 1), np.stack(logits, 1)
 
 
-def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float = 1e-4, seed: int = 0) -> dict:
+def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float = 1e-4, seed: int = 0,
+                golden: Optional[dict] = None) -> dict:
     """Verify a multi-prompt folder against ``refs`` ({adapter name: PTuningModel}, in id order); raises
-    ``ParityError`` (with ``.report``) on failure, returns the report."""
+    ``ParityError`` (with ``.report``) on failure, returns the report.
+
+    ``golden``: a dict to fill with golden.npz's arrays (the batch, each row's reference placed at its real
+    positions, the negative control's, the greedy steps), for checks without torch (runtime/golden.py)."""
     folder = Path(folder)
     task = manifest["task"]
     output = "logits" if task == "causal-lm" else "last_hidden_state"
@@ -114,6 +119,9 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
     if got.shape[:2] != ids.shape:  # then shapes
         raise _failure(f"{output} has shape {list(got.shape)} for input {list(ids.shape)}", report)
     wanted = [_alone(refs[names[p]], ids[r][mask[r] == 1], output) for r, p in enumerate(prompt_ids)]
+    if golden is not None:
+        golden.update({"case0.input_ids": ids, "case0.attention_mask": mask, "case0.prompt_ids": prompt_ids,
+                       f"case0.reference.{output}": _placed(wanted, mask, got.shape)})
     for row, prompt in enumerate(prompt_ids):  # then values, per adapter
         diff = float(np.abs(got[row][mask[row] == 1] - wanted[row]).max())
         entry = report["adapters"].setdefault(names[prompt], {"rows": 0, "max_abs_diff": {}})
@@ -122,20 +130,26 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
     report["max_abs_diff"][output] = max(e["max_abs_diff"][output] for e in report["adapters"].values())
     if task == "causal-lm":
         tokens, logits = _greedy(graph, ids, mask, prompt_ids, GREEDY_STEPS)
+        want_all = []
         equal = True
         for row, prompt in enumerate(prompt_ids):
             row_ids = torch.from_numpy(ids[row][mask[row] == 1][None])
             want_tokens, want_logits = refs[names[prompt]].greedy(row_ids, torch.ones_like(row_ids), GREEDY_STEPS,
                                                                   return_logits=True)
             equal &= bool(np.array_equal(tokens[row], want_tokens[0].numpy()))
+            want_all.append((want_tokens[0].numpy(), want_logits[0].float().numpy()))
             diff = float(np.abs(logits[row] - want_logits[0].float().numpy()).max())
             entry = report["adapters"][names[prompt]]["max_abs_diff"]
             entry["greedy_logits"] = max(entry.get("greedy_logits", 0.0), diff)
         report["greedy_steps"], report["greedy_tokens_equal"] = GREEDY_STEPS, equal
+        if golden is not None:
+            golden.update({"greedy.input_ids": ids, "greedy.attention_mask": mask, "greedy.prompt_ids": prompt_ids,
+                           "greedy.tokens": np.stack([t for t, _ in want_all]).astype(np.int64),
+                           "greedy.reference.logits": np.stack([lg for _, lg in want_all]).astype(np.float32)})
         report["max_abs_diff"]["greedy_logits"] = max(e["max_abs_diff"]["greedy_logits"]
                                                       for e in report["adapters"].values())
     report["negative_control"] = _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids,
-                                                   wanted, atol)
+                                                   wanted, atol, golden)
     worst = max(report["max_abs_diff"].values())
     if worst > atol or not report.get("greedy_tokens_equal", True):
         raise _failure(f"a multi-prompt row differs from its adapter alone: max abs diff {worst:.3g} (atol {atol:g})"
@@ -147,12 +161,26 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
     return report
 
 
-def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, wanted, atol) -> dict:
+def _placed(rows: list, mask: np.ndarray, shape) -> np.ndarray:
+    """Per-row outputs of the real positions (l_r, ...) placed into a (B, L, ...) float32 array (zeros on pads)."""
+    out = np.zeros(shape, np.float32)
+    for r, value in enumerate(rows):
+        out[r][mask[r] == 1] = value
+    return out
+
+
+def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, wanted, atol, golden) -> dict:
     """Every row with ANOTHER adapter's id must miss its own adapter's reference. With a single adapter there is
-    no other id: its rows are measured against a perturbed prompt's reference instead."""
+    no other id: its rows are measured against a perturbed prompt's reference instead.
+
+    golden.npz's control (for the runtime's check) is the other way round, to the same effect: each row's output
+    with its own id must miss the reference of the next adapter (or of the perturbed prompt) on that row."""
     if len(names) > 1:
         wrong = (prompt_ids + 1) % len(names)
         got = _prefill(graph, task, ids, mask, wrong)[output]
+        if golden is not None:
+            other = [_alone(refs[names[p]], ids[r][mask[r] == 1], output) for r, p in enumerate(wrong)]
+            golden[f"case0.control.{output}"] = _placed(other, mask, got.shape)
         how = "each row given the next adapter's prompt id"
     else:
         from .parity import perturbed
@@ -160,6 +188,8 @@ def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, w
         got = _prefill(graph, task, ids, mask, prompt_ids)[output]
         control = perturbed(refs[names[0]])
         wanted = [_alone(control, ids[r][mask[r] == 1], output) for r in range(len(ids))]
+        if golden is not None:
+            golden[f"case0.control.{output}"] = _placed(wanted, mask, got.shape)
         how = "rows measured against a perturbed prompt's reference (one adapter: no other id)"
     diffs = [float(np.abs(got[r][mask[r] == 1] - wanted[r]).max()) for r in range(len(ids))]
     return {"how": how, "min_row_max_abs_diff": min(diffs), "failed_as_expected": min(diffs) > atol}

@@ -63,7 +63,35 @@ def test_manifest_maps_names_to_ids_and_parity_passed(built):
     assert max(report["max_abs_diff"].values()) <= 1e-4
     assert report["negative_control"]["failed_as_expected"]
     assert report["negative_control"]["min_row_max_abs_diff"] > 100 * 1e-4
-    assert manifest["golden"] is None and not (result.path / "golden.npz").exists()
+    assert manifest["golden"]["cases"] == 1 and manifest["golden"]["greedy_steps"] == 8
+
+
+def test_golden_checks_the_folder_without_torch_and_sees_a_wrong_prompt_id(built, tmp_path, capsys):
+    """golden.npz (the mixed batch, with prompt ids) through the runtime; then the same golden with the rows'
+    prompt ids rotated (rehashed, so only the ids changed) must fail."""
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx.cli.verify import main
+    from ptuning_onnx.runtime.golden import GoldenMismatchError, verify_golden
+
+    report = verify_golden(built["multi"].path)
+    assert report["passed"] and report["token_agreement"] == 1.0
+    assert max(report["max_abs_diff"].values()) <= 1e-4 and report["negative_control"]["failed_as_expected"]
+    assert main([str(built["multi"].path)]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]
+    copy = tmp_path / "copy"
+    shutil.copytree(built["multi"].path, copy)
+    with np.load(copy / "golden.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    for name in ("case0.prompt_ids", "greedy.prompt_ids"):
+        arrays[name] = (arrays[name] + 1) % 3
+    np.savez(copy / "golden.npz", **arrays)
+    manifest = mf.read_manifest(copy, verify=False)
+    manifest["files"]["golden.npz"] = mf.sha256_file(copy / "golden.npz")
+    mf.write_manifest(copy, manifest)
+    with pytest.raises(GoldenMismatchError, match="differ from golden.npz"):
+        verify_golden(copy)
 
 
 def test_each_row_equals_its_adapters_single_export(built):

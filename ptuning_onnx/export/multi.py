@@ -284,11 +284,13 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
         report = None
         if not skip_verify:
             tolerance = default_atol() if atol is None else atol
+            arrays: dict = {}
             with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
                           f"(atol {tolerance:g})"):
-                report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance), output)
+                report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, golden=arrays), output)
             manifest["parity"] = report
             manifest["model"]["padding_invariant"] = True  # the check compares padded rows with rows alone
+            manifest["golden"] = _write_golden(tmp, arrays, report)
         manifest["files"] = mf.hash_files(tmp, [p.name for p in tmp.iterdir()
                                                 if p.is_file() and p.name != mf.MANIFEST_NAME])
         mf.write_manifest(tmp, manifest)
@@ -314,4 +316,18 @@ def _describe(manifest: dict, refs: dict, loaded: dict, paths: dict) -> None:
         name: {"id": index, "num_virtual_tokens": refs[name].n, "path": str(Path(paths[name]).resolve()),
                "adapter_config": loaded[name].config.to_dict()}
         for index, name in enumerate(refs)}
-    manifest["golden"] = None  # golden.npz is written for single-adapter folders only (docs/FORMAT.md)
+    manifest["golden"] = None  # golden.npz's entry once parity passed
+
+
+def _write_golden(folder: Path, arrays: dict, report: dict) -> dict:
+    """golden.npz of a multi-prompt folder: parity's mixed batch (``case0.*``, with ``case0.prompt_ids``) and greedy
+    steps (``greedy.*``, with ``greedy.prompt_ids``); runtime/golden.py checks it like a single folder's."""
+    import numpy as np
+
+    from .golden import GOLDEN_FORMAT, _keep_columns
+
+    _keep_columns(arrays)
+    np.savez(folder / mf.GOLDEN_NAME, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return {"file": mf.GOLDEN_NAME, "format_version": GOLDEN_FORMAT, "cases": 1, "gate": "exact",
+            "greedy_steps": report.get("greedy_steps"), "atol": report["atol"], "rtol": 0.0,
+            "logits_columns": int(arrays["logits.columns"].size) if "logits.columns" in arrays else None}

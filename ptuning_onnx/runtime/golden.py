@@ -77,8 +77,10 @@ class _Forced:
         return self.tokens[:, len(self.logits) - 1]
 
 
-def _outputs(model: RuntimeModel, ids: np.ndarray, mask: np.ndarray, dec: Optional[np.ndarray]) -> dict:
-    """One golden case through the model's sessions: ``{output name: host array}``, named like golden.npz's."""
+def _outputs(model: RuntimeModel, ids: np.ndarray, mask: np.ndarray, dec: Optional[np.ndarray],
+             prompt_ids: Optional[np.ndarray] = None) -> dict:
+    """One golden case through the model's sessions: ``{output name: host array}``, named like golden.npz's.
+    ``prompt_ids``: each row's adapter (multi-prompt folders)."""
     def runner(graph: str) -> GraphRunner:
         return GraphRunner(model.sessions[graph], model.device, model.device_id)
 
@@ -87,6 +89,8 @@ def _outputs(model: RuntimeModel, ids: np.ndarray, mask: np.ndarray, dec: Option
         feed = {"input_ids": ids, "attention_mask": mask, **gen.empty_past(session, ids.shape[0])}
         if "position_ids" in gen.graph_inputs(session):
             feed["position_ids"] = gen.positions(mask)
+        if prompt_ids is not None:
+            feed["prompt_ids"] = prompt_ids
         return runner("model").run(feed, to_host=("logits",))[0]
     if model.task == "seq2seq-lm":
         if dec is None:
@@ -98,7 +102,7 @@ def _outputs(model: RuntimeModel, ids: np.ndarray, mask: np.ndarray, dec: Option
         logits = runner("decoder_model").run(feed, to_host=("logits",))[0]["logits"]
         return {"last_hidden_state": enc, "logits": logits}
     names = [o.name for o in model.sessions["model"].get_outputs()]
-    host = runner("model").run(model._encoder_feed(ids, mask), to_host=names)[0]
+    host = runner("model").run(model._encoder_feed(ids, mask, prompt_ids), to_host=names)[0]
     return {name: host[name] for name in names}
 
 
@@ -113,8 +117,23 @@ def _compared(task: str, name: str, got: np.ndarray, mask: np.ndarray, quantized
     return got, (mask if per_position else None)
 
 
-def _cases(golden: dict, task: str, vocab: int) -> list:
-    """[(index, ids, mask, decoder ids or None, {reference outputs}, {control outputs})] in case order."""
+def _prompt_ids(golden: dict, name: str, adapters: Optional[dict], batch: int) -> Optional[np.ndarray]:
+    """A multi-prompt folder's ``<case>.prompt_ids`` (B,), checked against the folder's adapter ids; None for a
+    single-adapter folder, whose golden has none."""
+    value = golden.get(name)
+    if adapters is None and value is None:
+        return None
+    if adapters is None or value is None:
+        raise ManifestError(f"golden.npz: {name} " + ("is missing (a multi-prompt folder)" if value is None
+                                                      else "is there but the folder holds one prompt"))
+    if value.dtype.kind != "i" or value.shape != (batch,) or value.min() < 0 or value.max() >= len(adapters):
+        raise ManifestError(f"golden.npz: {name} must be {batch} adapter ids in [0, {len(adapters)})")
+    return value.astype(np.int64)
+
+
+def _cases(golden: dict, task: str, vocab: int, adapters: Optional[dict] = None) -> list:
+    """[(index, ids, mask, decoder ids or None, {reference outputs}, {control outputs}, prompt ids or None)] in
+    case order."""
     cases = []
     for index in sorted(int(m.group(1)) for m in map(_CASE.fullmatch, golden) if m):
         prefix = f"case{index}."
@@ -132,7 +151,8 @@ def _cases(golden: dict, task: str, vocab: int) -> list:
         ctrl = {k[len(prefix + "control."):]: v for k, v in golden.items() if k.startswith(prefix + "control.")}
         if not want:
             raise ManifestError(f"golden.npz case {index} has no reference outputs")
-        cases.append((index, ids, mask, dec, want, ctrl))
+        cases.append((index, ids, mask, dec, want, ctrl, _prompt_ids(golden, prefix + "prompt_ids", adapters,
+                                                                      ids.shape[0])))
     if not cases:
         raise ManifestError("golden.npz holds no cases")
     return cases
@@ -161,7 +181,7 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
     report: dict = {"gate": "quantized" if quantized else "exact", "task": task, "dtype": dtype,
                     "quantize": quantize, "provider": first[0], "providers": model.providers,
                     "device": model.device, "folder": str(model.path)}
-    cases = _cases(golden, task, model.vocab_size)
+    cases = _cases(golden, task, model.vocab_size, model.adapters)
     columns = golden.get("logits.columns")  # large vocabularies: the reference keeps a column subset
     if columns is not None and (columns.ndim != 1 or columns.dtype.kind != "i" or columns.size == 0
                                 or columns.min() < 0 or columns.max() >= model.vocab_size):
@@ -176,8 +196,8 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
         main, control = MaxDiffs(atol, rtol), MaxDiffs(atol, rtol)
         report.update(atol=atol, rtol=rtol)
     problems: list = []
-    for index, ids, mask, dec, want, ctrl in cases:
-        out = _outputs(model, ids, mask, dec)
+    for index, ids, mask, dec, want, ctrl, prompt_ids in cases:
+        out = _outputs(model, ids, mask, dec, prompt_ids)
         if columns is not None and "logits" in out:
             out["logits"] = out["logits"][..., columns]
         for name in want:
@@ -203,7 +223,8 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
         ids, mask = check_batch(_array(golden, "greedy.input_ids"), _array(golden, "greedy.attention_mask"),
                                 vocab_size=model.vocab_size)
         forced = _Forced(check_batch(tokens, None, vocab_size=model.vocab_size)[0])
-        for _ in model._steps(ids, mask, forced, GenerationParams(max_new_tokens=int(tokens.shape[1]))):
+        prompt_ids = _prompt_ids(golden, "greedy.prompt_ids", model.adapters, ids.shape[0])
+        for _ in model._steps(ids, mask, forced, GenerationParams(max_new_tokens=int(tokens.shape[1])), prompt_ids):
             pass  # the runtime's own loop: prefill with logits_to_keep, then the KV cache, step by step
         got = np.stack(forced.logits, 1)  # (B, T, V)
         agree = got.argmax(-1) == tokens if got.shape[:2] == tokens.shape else np.zeros(tokens.shape, bool)
