@@ -113,3 +113,44 @@ def test_genai_config_refuses_other_tasks():
 
     with pytest.raises(ValueError, match="causal-lm"):
         genai_config({"task": "seq-cls", "graphs": {}, "model": {}}, {})
+
+
+def test_genai_runs_a_multi_prompt_folder_with_prompt_ids(tmp_path):
+    """A multi-prompt folder: genai feeds ``prompt_ids`` through ``set_model_input``; its tokens and prefill logits
+    equal our runtime's per row, and the same rows with rotated ids give other logits (the negative control)."""
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export.multi import export_multi
+
+    adapters = {}
+    for name, encoder, n, seed in (("a", "MLP", 5, 0), ("b", "LSTM", 3, 1)):
+        make_peft_adapter(tmp_path / name, MODELS / "llama", "CAUSAL_LM", "AutoModelForCausalLM", encoder=encoder,
+                          num_virtual_tokens=n, seed=seed)
+        adapters[name] = tmp_path / name
+    folder = export_multi(MODELS / "llama", adapters, tmp_path / "multi", progress=False).path
+    assert (folder / "genai_config.json").is_file()
+    ids, prompt_ids = _batch(4, 7), np.array([0, 1, 1, 0], np.int64)
+
+    def genai(ids, prompt_ids, new):
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + new, min_length=ids.shape[1] + new,
+                                  batch_size=ids.shape[0], do_sample=False)
+        generator = og.Generator(model, params)
+        generator.set_model_input("prompt_ids", prompt_ids)
+        generator.append_tokens(ids.astype(np.int32))
+        first = np.asarray(generator.get_logits(), np.float32).reshape(ids.shape[0], -1)
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(np.array(generator.get_next_tokens(), np.int64))
+        return first, np.stack(tokens, 1)
+
+    ours = runtime.load(folder)
+    names = [["a", "b"][p] for p in prompt_ids]
+    first, tokens = genai(ids, prompt_ids, NEW)
+    np.testing.assert_array_equal(tokens, ours.generate(input_ids=ids, adapters=names, max_new_tokens=NEW,
+                                                        eos_token_id=[]))
+    want = ours.forward(ids, adapters=names)["logits"][:, -1]
+    assert np.abs(first - want).max() <= 1e-4
+    rotated, _ = genai(ids, 1 - prompt_ids, 1)
+    assert np.abs(rotated - want).max() > 100 * 1e-4

@@ -35,6 +35,7 @@ from ..reference import PTuningModel
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _install, _resolve_route, _verified, load_reference)
+from .genai import write_genai_config
 from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, GraphSpec, _cache, _kv_names, _layers
 
 PROMPT_IDS = "prompt_ids"
@@ -281,6 +282,8 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
         manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
                                    loaded[names[0]].config, opset, "fp32", None, None, route)
         _describe(manifest, refs, loaded, adapters)
+        if first.task == TaskType.CAUSAL_LM:  # genai feeds prompt_ids with generator.set_model_input (FORMAT.md)
+            write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:
             tolerance = default_atol() if atol is None else atol
