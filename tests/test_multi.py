@@ -220,6 +220,12 @@ def test_cli_multi_and_single(built, tmp_path, capsys):
     manifest = json.loads((tmp_path / "s" / "ptuning_onnx.json").read_text())
     assert "adapters" not in manifest and "prompt_input" not in manifest
     assert "prompt_ids" not in [i["name"] for i in manifest["graphs"]["model"]["inputs"]]
+    import shutil
+
+    odd = tmp_path / "lr=0.1"  # one adapter folder whose name has '=': still a single export
+    shutil.copytree(news, odd)
+    assert main([*base, "--adapter", str(odd), "--output", str(tmp_path / "s2"), "--skip-verify"]) == 0
+    assert "adapters" not in json.loads((tmp_path / "s2" / "ptuning_onnx.json").read_text())
     capsys.readouterr()
     code = main([*base, "--adapter", f"news={news}", "--adapter", f"chat={chat}", "--quantize", "int8",
                  "--output", str(tmp_path / "q")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from ..config import CLI_TASKS
@@ -55,8 +56,6 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     triton_name = None
     if args.triton_repository:
-        from pathlib import Path
-
         from ..triton import check_target
 
         triton_name = args.triton_model_name or Path(args.output).resolve().name
@@ -68,8 +67,9 @@ def main(argv: Optional[list] = None) -> int:
     from ..export import export
 
     try:
-        if len(args.adapter) == 1 and "=" not in args.adapter[0]:
-            result = export(args.base_model, args.adapter[0], args.output, task=args.task, opset=args.opset,
+        single = args.adapter[0] if len(args.adapter) == 1 else None
+        if single is not None and ("=" not in single or Path(single).is_dir()):  # a folder named "lr=0.1" too
+            result = export(args.base_model, single, args.output, task=args.task, opset=args.opset,
                             dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
                             atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
                             progress=not args.quiet, exporter=args.exporter,
