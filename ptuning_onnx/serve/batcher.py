@@ -13,6 +13,7 @@ Rows report to the event loop of the request that made them through ``loop.call_
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from ..runtime.model import CausalLM, RuntimeModel, Seq2SeqLM
 from ..runtime.validation import GenerationParams
 
 GENERATE, CLASSIFY, TAG, EMBED = "generate", "classify", "tag", "embed"
+# Set to 1 to run causal LMs in whole batches too (rows wait for the batch's end), e.g. to compare the two.
+STATIC_ENV = "PTUNING_SERVE_STATIC_BATCHES"
 
 
 @dataclass(eq=False)
@@ -74,7 +77,13 @@ class Batcher:
         self.model, self.max_batch_size, self.max_wait = model, max_batch_size, max_wait_ms / 1000.0
         self.on_batch, self.on_tokens, self.on_queue = on_batch, on_tokens, on_queue
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="ptuning-serve-batcher", daemon=True)
+        target = self._work
+        whole = os.environ.get(STATIC_ENV, "") not in ("", "0")
+        if isinstance(model, CausalLM) and model.device == "cpu" and model.padding_invariant and not whole:
+            from .continuous import Continuous
+
+            target = Continuous(self).run  # rows join and leave between steps
+        self._thread = threading.Thread(target=target, name="ptuning-serve-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, rows: list) -> None:
