@@ -2,6 +2,7 @@
 prometheus-client). Imports neither torch nor transformers.
 
     batcher.py  dynamic batching: rows of concurrent requests, each with its own decoding state
+    continuous.py  causal LMs on CPU: rows join and leave a decoding batch between steps
     service.py  settings (ServeConfig), the model loaded on a thread, errors
     gate.py     drain (503), body limit (413), API key (401), metrics, in front of the routes
     app.py      the FastAPI routes: /healthz /readyz /metrics /v1/model /v1/generate /v1/completions
