@@ -93,12 +93,14 @@ def create_app(config: ServeConfig) -> tuple[Any, Service]:
                 "num_virtual_tokens": m.num_virtual_tokens, "dtype": m.manifest.get("dtype", "fp32"),
                 "providers": m.providers, "device": m.device, "vocab_size": m.vocab_size,
                 "max_user_tokens": m.max_user_tokens, "golden": svc.golden, "folder": str(m.path),
+                "adapters": m.adapters,
                 "max_batch_size": config.max_batch_size, "max_new_tokens_limit": config.max_new_tokens_limit}
 
     @app.get("/v1/models")  # openai's client.models.list()
     async def models():
-        svc.ready_model()
-        return {"object": "list", "data": [{"id": _name(svc), "object": "model", "owned_by": "ptuning-onnx"}]}
+        m = svc.ready_model()
+        names = list(m.adapters) if m.adapters else [_name(svc)]  # a multi-prompt folder: one model per adapter
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "ptuning-onnx"} for n in names]}
 
     @app.post("/v1/generate")
     async def generate(req: s.GenerateRequest):
@@ -109,7 +111,7 @@ def create_app(config: ServeConfig) -> tuple[Any, Service]:
                                   repetition_penalty=req.repetition_penalty, seed=req.seed,
                                   eos_token_ids=eos_ids(req.eos_token_id, model.eos_token_id, model.vocab_size))
         rows = _rows(svc, GENERATE, req.prompts, req.input_ids, params=params, stop=_stops(req.stop),
-                     stream=req.stream)
+                     stream=req.stream, adapter=req.adapter)
         if req.stream:
             return _sse(svc, rows, _generate_event)
         results = await _collect(svc, rows)
@@ -132,7 +134,8 @@ def create_app(config: ServeConfig) -> tuple[Any, Service]:
                                   top_p=req.top_p, seed=req.seed, eos_token_ids=eos_ids(None, model.eos_token_id,
                                                                                         model.vocab_size))
         texts, ids = _openai_input(req.prompt)
-        rows = _rows(svc, GENERATE, texts, ids, params=params, stop=_stops(req.stop), stream=req.stream)
+        rows = _rows(svc, GENERATE, texts, ids, params=params, stop=_stops(req.stop), stream=req.stream,
+                     adapter=_openai_adapter(model, req.model))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or _name(svc)}
         if req.stream:
@@ -148,24 +151,24 @@ def create_app(config: ServeConfig) -> tuple[Any, Service]:
     @app.post("/v1/classify")
     async def classify(req: s.ClassifyRequest):
         _model_for(svc, CLASSIFY)
-        return {"results": await _collect(svc, _rows(svc, CLASSIFY, req.texts, req.input_ids))}
+        return {"results": await _collect(svc, _rows(svc, CLASSIFY, req.texts, req.input_ids, adapter=req.adapter))}
 
     @app.post("/v1/tag")
     async def tag(req: s.TagRequest):
         _model_for(svc, TAG)
-        return {"results": await _collect(svc, _rows(svc, TAG, req.texts, None))}
+        return {"results": await _collect(svc, _rows(svc, TAG, req.texts, None, adapter=req.adapter))}
 
     @app.post("/v1/embed")
     async def embed(req: s.EmbedRequest):
         _model_for(svc, EMBED)
-        rows = _rows(svc, EMBED, req.texts, req.input_ids, options=(req.pooling, req.normalize))
+        rows = _rows(svc, EMBED, req.texts, req.input_ids, options=(req.pooling, req.normalize), adapter=req.adapter)
         return {"embeddings": [v.tolist() for v in await _collect(svc, rows)]}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: s.EmbeddingsRequest):
-        _model_for(svc, EMBED)
+        model = _model_for(svc, EMBED)
         texts, ids = _openai_input(req.input)
-        rows = _rows(svc, EMBED, texts, ids, options=("mean", True))
+        rows = _rows(svc, EMBED, texts, ids, options=("mean", True), adapter=_openai_adapter(model, req.model))
         vectors = await _collect(svc, rows)
         if req.dimensions is not None and req.dimensions != len(vectors[0]):
             raise ApiError(400, f"dimensions must be {len(vectors[0])} (this model's), got {req.dimensions}")
@@ -190,6 +193,16 @@ def _model_for(svc: Service, kind: str):
         raise ApiError(404, f"this server's model is a {model.task} export; {kind} needs a "
                             f"{' or '.join(TASK_OF[kind])} export")
     return model
+
+
+def _openai_adapter(model, name: Optional[str]) -> Optional[str]:
+    """OpenAI's ``model`` field: the adapter of a multi-prompt folder (required there); ignored otherwise."""
+    if not model.adapters:
+        return None
+    if name is None:
+        raise ApiError(400, f"this server holds {len(model.adapters)} prompts: set model to one of "
+                            f"{', '.join(model.adapters)}")
+    return name
 
 
 def _new_tokens(svc: Service, value: int, name: str) -> None:
@@ -217,9 +230,13 @@ def _openai_input(value) -> tuple:
 
 
 def _rows(svc: Service, kind: str, texts, input_ids, *, params=None, stop: tuple = (), stream: bool = False,
-          options: tuple = ()) -> list:
-    """Validate each prompt ALONE, as the runtime would, and make it a row; ``ApiError``/``InputError`` -> 400."""
+          options: tuple = (), adapter: Optional[str] = None) -> list:
+    """Validate each prompt ALONE, as the runtime would, and make it a row; ``ApiError``/``InputError`` -> 400.
+
+    ``adapter``: a multi-prompt folder's prompt for every row (required there; refused by a single-prompt folder)."""
     model = svc.ready_model()
+    chosen = model.prompt_ids(adapter, None, 1)  # the runtime's own check: unknown names listed, None refused
+    prompt_id = None if chosen is None else int(chosen[0])
     if (texts is None) == (input_ids is None):
         raise ApiError(400, "pass either texts (prompts) or input_ids, not both and not neither")
     items = [texts] if isinstance(texts, str) else texts if texts is not None else input_ids
@@ -236,7 +253,7 @@ def _rows(svc: Service, kind: str, texts, input_ids, *, params=None, stop: tuple
         else:
             ids, _, _, _ = model._batch(None, [item], None, new)
         rows.append(Row(kind, index, loop, events, ids=ids[0], text=item if kind == TAG else None, params=params,
-                        stop=stop, stream=stream, options=options))
+                        stop=stop, stream=stream, options=options, adapter=adapter, prompt_id=prompt_id))
     return rows
 
 

@@ -49,6 +49,8 @@ class Row:
     stop: tuple = ()
     stream: bool = False
     options: tuple = ()  # embed: (pooling, normalize); rows are batched with rows of equal options only
+    adapter: Optional[str] = None  # multi-prompt folders: this row's prompt (rows of any prompts batch together)
+    prompt_id: Optional[int] = None
     cancelled: bool = False
     tokens: list = field(default_factory=list)
     sent: str = ""  # text already streamed
@@ -155,16 +157,17 @@ class Batcher:
                 self._generate(rows)
                 return
             if kind == TAG:
-                results = self.model.tag([r.text for r in rows])  # type: ignore[attr-defined]
+                results = self.model.tag([r.text for r in rows], **_adapters(rows))  # type: ignore[attr-defined]
             else:
                 ids, mask = _pad([r.ids for r in rows], self.model.pad_token_id,
                                  "left" if self.model.padding_side == "left" else "right")
                 if kind == CLASSIFY:
-                    results = self.model.classify(input_ids=ids, attention_mask=mask)  # type: ignore[attr-defined]
+                    results = self.model.classify(input_ids=ids, attention_mask=mask,  # type: ignore[attr-defined]
+                                                  **_adapters(rows))
                 else:
                     pooling, normalize = rows[0].options
                     results = list(self.model.embed(input_ids=ids, attention_mask=mask,  # type: ignore[attr-defined]
-                                                    pooling=pooling, normalize=normalize))
+                                                    pooling=pooling, normalize=normalize, **_adapters(rows)))
             for row, result in zip(rows, results, strict=True):
                 row.emit("done", row.index, result)
         except Exception as exc:  # reported to each waiting request (a 500 with a message); the worker goes on
@@ -183,7 +186,7 @@ class Batcher:
                                       device_id=model.device_id)
         else:
             steps = gen.causal_lm_steps(model.sessions["model"], ids, mask, chooser, longest, device=model.device,
-                                        device_id=model.device_id)
+                                        device_id=model.device_id, prompt_ids=prompt_ids(rows))
         for _ in steps:
             pass
         for row, reason in zip(rows, cast(_RowsChooser, chooser).reasons, strict=True):
@@ -275,6 +278,17 @@ def _finish(model: RuntimeModel, row: Row, reason: str) -> dict:
         if cut is not None:
             text = text[:cut]
     return {"text": text, "token_ids": list(row.tokens), "finish_reason": reason}
+
+
+def prompt_ids(rows: list) -> Optional[np.ndarray]:
+    """(B,) int64 prompt ids of a multi-prompt folder's rows, or None for a single-prompt folder."""
+    if rows[0].prompt_id is None:
+        return None
+    return np.array([r.prompt_id for r in rows], np.int64)
+
+
+def _adapters(rows: list) -> dict:
+    return {"adapters": [r.adapter for r in rows]} if rows[0].adapter is not None else {}
 
 
 def _pad(rows: list, pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:

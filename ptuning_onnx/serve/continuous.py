@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 class _Running:
     """The batch being decoded: rows, their choosers, the KV cache (name -> (B, H, P, D)), mask (B, P), last tokens."""
 
-    def __init__(self, rows: list, choosers: list, past: dict, mask: np.ndarray, last: np.ndarray):
+    def __init__(self, rows: list, choosers: list, past: dict, mask: np.ndarray, last: np.ndarray,
+                 prompts: Optional[np.ndarray] = None):
         self.rows, self.choosers, self.past, self.mask, self.last = rows, choosers, past, mask, last
+        self.prompts = prompts  # (B,) prompt ids of a multi-prompt folder, fed at every step; else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -38,6 +40,8 @@ class _Running:
         self.rows = [self.rows[i] for i in index]
         self.choosers = [self.choosers[i] for i in index]
         self.mask, self.last = self.mask[index], self.last[index]
+        if self.prompts is not None:
+            self.prompts = self.prompts[index]
         self.past = {name: value[index] for name, value in self.past.items()}
         used = np.flatnonzero(self.mask.any(0))
         start = int(used[0]) if used.size else self.mask.shape[1]
@@ -50,6 +54,8 @@ class _Running:
         self.rows, self.choosers = self.rows + other.rows, self.choosers + other.choosers
         self.mask = np.concatenate([_left(self.mask, width, 1), _left(other.mask, width, 1)])
         self.last = np.concatenate([self.last, other.last])
+        if self.prompts is not None and other.prompts is not None:
+            self.prompts = np.concatenate([self.prompts, other.prompts])
         self.past = {name: np.concatenate([_left(value, width, 2), _left(other.past[name], width, 2)])
                      for name, value in self.past.items()}
 
@@ -132,7 +138,7 @@ class Continuous:
     def _prefill(self, rows: list, running: Optional[_Running]) -> Optional[_Running]:
         """Run the new rows' prompts together; returns them as a running batch (rows done after one token are
         answered and left out), or None."""
-        from .batcher import _pad, _RowsChooser
+        from .batcher import _pad, _RowsChooser, prompt_ids
 
         # The merged cache's width plus the most steps left must fit the model's positions, as in a static batch
         # (each row fits alone: checked on entry). A row that does not fit waits until the running rows have left.
@@ -157,6 +163,9 @@ class Continuous:
             feed["position_ids"] = gen.positions(mask)
         if "logits_to_keep" in self.names:
             feed["logits_to_keep"] = np.array(1, np.int64)
+        prompts = prompt_ids(rows)
+        if prompts is not None:
+            feed["prompt_ids"] = prompts
         try:
             self.b.on_batch("prefill", len(rows))
             out = dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
@@ -167,7 +176,7 @@ class Continuous:
                 row.emit("error", row.index, exc)
             return None
         past = {name: out[name.replace("past_key_values", "present", 1)] for name in self.past_names}
-        batch = _Running(rows, chooser.choosers, past, mask, tokens)
+        batch = _Running(rows, chooser.choosers, past, mask, tokens, prompts)
         self._finish(batch, chooser.reasons)
         return batch
 
@@ -179,6 +188,8 @@ class Continuous:
         feed = {"input_ids": batch.last[:, None], "attention_mask": mask, **batch.past}
         if "position_ids" in self.names:
             feed["position_ids"] = mask.sum(-1, keepdims=True) - 1
+        if batch.prompts is not None:
+            feed["prompt_ids"] = batch.prompts
         try:
             self.b.on_batch("generate", len(batch))
             out = dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))

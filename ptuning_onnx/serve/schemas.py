@@ -2,8 +2,9 @@
 checked afterwards by the runtime's validation (a 400 that names the value).
 
 Our endpoints refuse unknown fields, so a typo is an error rather than a silently ignored option. The OpenAI-shaped
-ones ignore fields they do not use, as clients send extra ones (``model``, ``user``), and refuse the ones that
-would change the answer (``n`` > 1, ``logprobs``, ``echo``, ``suffix``).
+ones ignore fields they do not use, as clients send extra ones (``user``), and refuse the ones that would change
+the answer (``n`` > 1, ``logprobs``, ``echo``, ``suffix``). Their ``model`` names the adapter of a multi-prompt
+folder (as OpenAI-compatible servers name LoRA adapters); a single-prompt folder ignores it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class _OpenAI(BaseModel):
 
 class GenerateRequest(_Ours):
     prompts: Optional[Texts] = None
+    adapter: Optional[str] = None  # a multi-prompt folder's prompt for every row of the request
     input_ids: Optional[Ids] = None
     max_new_tokens: int = 20
     do_sample: bool = False
@@ -41,15 +43,18 @@ class GenerateRequest(_Ours):
 
 class ClassifyRequest(_Ours):
     texts: Optional[Texts] = None
+    adapter: Optional[str] = None
     input_ids: Optional[Ids] = None
 
 
 class TagRequest(_Ours):
     texts: Texts
+    adapter: Optional[str] = None
 
 
 class EmbedRequest(_Ours):
     texts: Optional[Texts] = None
+    adapter: Optional[str] = None
     input_ids: Optional[Ids] = None
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = False
