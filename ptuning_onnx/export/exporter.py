@@ -209,16 +209,20 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                 warnings.warn(f"{ref.base.config.model_type}: a padded row does not give what it gives alone "
                               f"(max diff {max(invariance['max_abs_diff'].values()):.3g}); the "
                               "runtime will refuse padded batches for this export", stacklevel=2)
-        # Hashed once the folder is final (4.4 GB take ~8 s on a 1.1B model), and written last: a folder without a
-        # manifest never looks like a finished export.
-        manifest["files"] = mf.hash_files(tmp, [p.name for p in tmp.iterdir()
-                                                if p.is_file() and p.name != mf.MANIFEST_NAME])
-        mf.write_manifest(tmp, manifest)
-        _install(tmp, output)
+        finalize(tmp, manifest, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(output, manifest, report)
+
+
+def finalize(tmp: Path, manifest: dict, output: Path) -> None:
+    """Hash every file once the folder is final (4.4 GB take ~8 s on a 1.1B model), write the manifest last (a
+    folder without one never looks like a finished export), and swap the folder into place."""
+    manifest["files"] = mf.hash_files(tmp, [p.name for p in tmp.iterdir()
+                                            if p.is_file() and p.name != mf.MANIFEST_NAME])
+    mf.write_manifest(tmp, manifest)
+    _install(tmp, output)
 
 
 def _verified(check, output: Path) -> dict:

@@ -34,7 +34,7 @@ from ..errors import ConfigError, PtuningError
 from ..reference import PTuningModel
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
-                       _install, _resolve_route, _verified, load_reference)
+                       _resolve_route, _verified, finalize, load_reference)
 from .genai import write_genai_config
 from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, GraphSpec, _cache, _kv_names, _layers
 
@@ -294,10 +294,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             manifest["parity"] = report
             manifest["model"]["padding_invariant"] = True  # the check compares padded rows with rows alone
             manifest["golden"] = _write_golden(tmp, arrays, report)
-        manifest["files"] = mf.hash_files(tmp, [p.name for p in tmp.iterdir()
-                                                if p.is_file() and p.name != mf.MANIFEST_NAME])
-        mf.write_manifest(tmp, manifest)
-        _install(tmp, output)
+        finalize(tmp, manifest, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
