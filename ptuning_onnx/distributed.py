@@ -22,9 +22,9 @@ torchrun on CPUs.
 
 Tested (tests/test_train_distributed.py): 2 CPU processes against one on seq-cls (BERT, LSTM encoder with dropout,
 uneven 3 + 2 row shares, grad accumulation): the adapter within 1e-4 of each tensor's scale, step losses within
-1e-5, and a one-process resume from the 2-process checkpoint. Not exact for causal-lm batches whose rows differ in
-length: each rank pads its rows to its own longest, and a left-padded text row's first token is scored from a pad
-position rather than from the last virtual token, so that loss depends on the padding (in one process too).
+1e-5, and a one-process resume from the 2-process checkpoint. Causal-LM batches are padded on the right in training
+(train.padding_side), so each row's loss does not depend on how its rank pads it (tests/test_train_robust.py); the
+2-process equality itself is tested on seq-cls only.
 """
 
 from __future__ import annotations

@@ -110,7 +110,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def padding_side(model: PTuningModel) -> str:
-    return model.padding_side
+    """Training and evaluation pad causal LMs on the right: a row's first text token is then scored from the last
+    virtual token, as when the row is alone. Left padding (what generation uses) would score it from a pad position,
+    so a row's loss would depend on the rows batched with it. The rest pad as the model needs."""
+    return "right" if model.task == TaskType.CAUSAL_LM else model.padding_side
 
 
 def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> list:

@@ -177,3 +177,28 @@ def test_kill_inside_an_adapter_write_keeps_the_checkpoint(tmp_path, moment):
     assert resumed.step == 2
     adapters_equal(Path(straight.output), out)
     assert leftovers(tmp_path) == []
+
+
+def test_causal_lm_loss_of_a_padded_batch_is_the_rows_losses_alone(peft_adapters):
+    """Each row's tokens, the first one included (scored from the last virtual token), count as when the row is
+    alone: the batch loss is the token-weighted mean of the rows' own losses. Left padding (the control) scores a
+    shorter row's first token from a pad position instead, and misses."""
+    import torch
+
+    from conftest import MODELS
+    from ptuning_onnx.dataset import Example, collate
+    from ptuning_onnx.export.exporter import load_reference
+    from ptuning_onnx.train import padding_side
+
+    model = load_reference(MODELS / "gpt2", peft_adapters["causal-lm"]).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(5, 900, (n,), generator=g).tolist() for n in (9, 4, 6)]
+    examples = [Example(i, ids, list(ids)) for i, ids in enumerate(rows)]
+    assert padding_side(model) == "right"
+    with torch.no_grad():
+        alone = [float(model(**collate([e], "CAUSAL_LM", pad_id=0))["loss"]) for e in examples]
+        want = sum(loss * len(r) for loss, r in zip(alone, rows, strict=True)) / sum(map(len, rows))
+        right = float(model(**collate(examples, "CAUSAL_LM", pad_id=0, padding_side="right"))["loss"])
+        left = float(model(**collate(examples, "CAUSAL_LM", pad_id=0, padding_side="left"))["loss"])
+    assert abs(right - want) < 1e-5 * max(1.0, want)
+    assert abs(left - want) > 1e-3, (left, want)
