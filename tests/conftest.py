@@ -72,6 +72,17 @@ def make_peft_adapter(out_dir: Path, model_dir: Path, peft_task: str, auto_class
     return model, out_dir
 
 
+def make_gpt2_adapters(root: Path, spec: dict) -> dict:
+    """{name: adapter folder} for tiny GPT-2, written by PEFT; ``spec``: {name: (encoder, num_virtual_tokens, seed)}
+    (different encoders and lengths exercise a multi-prompt export's padded tables)."""
+    folders = {}
+    for name, (encoder, n, seed) in spec.items():
+        make_peft_adapter(root / name, MODELS / "gpt2", "CAUSAL_LM", "AutoModelForCausalLM", encoder=encoder,
+                          num_virtual_tokens=n, seed=seed)
+        folders[name] = root / name
+    return folders
+
+
 @pytest.fixture(scope="session")
 def peft_adapters(tmp_path_factory):
     """{task: adapter_dir}, one PEFT-written adapter per task (LSTM for seq-cls and token-cls, MLP elsewhere)."""

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MODELS, make_peft_adapter
+from conftest import MODELS, make_gpt2_adapters, make_peft_adapter
 
 # name -> (encoder, num_virtual_tokens, seed): different encoders and prompt lengths, so the tables are padded
 ADAPTERS = {"news": ("MLP", 5, 0), "chat": ("LSTM", 3, 1), "code": ("MLP", 8, 2)}
@@ -25,11 +25,7 @@ def built(tmp_path_factory):
     from ptuning_onnx.export.multi import export_multi
 
     root = tmp_path_factory.mktemp("multi")
-    adapters = {}
-    for name, (encoder, n, seed) in ADAPTERS.items():
-        make_peft_adapter(root / name, MODELS / "gpt2", "CAUSAL_LM", "AutoModelForCausalLM", encoder=encoder,
-                          num_virtual_tokens=n, seed=seed)
-        adapters[name] = root / name
+    adapters = make_gpt2_adapters(root, ADAPTERS)
     multi = export_multi(MODELS / "gpt2", adapters, root / "multi", progress=False)
     singles = {name: export(MODELS / "gpt2", path, root / f"single-{name}", progress=False, skip_verify=True).path
                for name, path in adapters.items()}

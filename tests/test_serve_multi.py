@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from conftest import MODELS, make_peft_adapter  # noqa: E402
+from conftest import MODELS, make_gpt2_adapters  # noqa: E402
 from ptuning_onnx import runtime as rt  # noqa: E402
 from test_serve import Server  # noqa: E402
 
@@ -25,11 +25,7 @@ def multi(tmp_path_factory):
     from ptuning_onnx.export.multi import export_multi
 
     root = tmp_path_factory.mktemp("serve-multi")
-    adapters = {}
-    for name, (encoder, n, seed) in ADAPTERS.items():
-        make_peft_adapter(root / name, MODELS / "gpt2", "CAUSAL_LM", "AutoModelForCausalLM", encoder=encoder,
-                          num_virtual_tokens=n, seed=seed)
-        adapters[name] = root / name
+    adapters = make_gpt2_adapters(root, ADAPTERS)
     folder = export_multi(MODELS / "gpt2", adapters, root / "multi", progress=False).path
     server = Server(folder, "--max-batch-size", "8", "--max-wait-ms", "200").wait()
     try:

@@ -36,7 +36,8 @@ from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
 from .genai import write_genai_config
-from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, GraphSpec, _cache, _kv_names, _layers
+from .wrappers import (CausalLMGraph, GraphSpec, _cache, _layers, causal_example,
+                       causal_spec)
 
 PROMPT_IDS = "prompt_ids"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -147,25 +148,10 @@ class MultiCausalLMGraph(nn.Module):
         self.register_buffer("prompt_offset", torch.tensor([s.offset for s in singles], dtype=torch.long))
 
     def spec(self) -> GraphSpec:
-        past, present = _kv_names("past_key_values", self.num_layers), _kv_names("present", self.num_layers)
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}, PROMPT_IDS: {0: "batch"},
-                "logits": {0: "batch", 1: "logits_sequence"}}
-        axes.update({name: {0: "batch", 2: "past_sequence"} for name in past})
-        axes.update({name: {0: "batch", 2: "total_sequence"} for name in present})
-        return GraphSpec("model", ["input_ids", "attention_mask", "position_ids", PROMPT_IDS, *past, LOGITS_TO_KEEP],
-                         ["logits", *present], axes, defaults={LOGITS_TO_KEEP: 0})
+        return causal_spec(self.num_layers, (PROMPT_IDS,))
 
     def example(self, batch=2, seq=3, past=4):
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        g = torch.Generator().manual_seed(0)
-        dtype = self.prompt_key_0.dtype
-        return (torch.randint(0, vocab, (batch, seq), generator=g), torch.ones(batch, past + seq, dtype=torch.long),
-                torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous(),
-                torch.arange(batch) % self.prompt_mask.shape[0],
-                [torch.randn(batch, self.kv_heads, past, self.head_dim, generator=g).to(dtype)
-                 for _ in range(2 * self.num_layers)],
-                torch.tensor(0))
+        return causal_example(self, batch, seq, past, (torch.arange(batch) % self.prompt_mask.shape[0],))
 
     def forward(self, input_ids, attention_mask, position_ids, prompt_ids, past, logits_to_keep):
         cache = []

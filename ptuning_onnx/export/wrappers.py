@@ -52,6 +52,31 @@ def _kv_names(prefix: str, layers: int, kind: str = "") -> list:
     return [f"{prefix}.{i}{kind}.{t}" for i in range(layers) for t in ("key", "value")]
 
 
+def causal_spec(num_layers: int, row_inputs: tuple = ()) -> GraphSpec:
+    """The causal-lm graph's interface; ``row_inputs``: (batch,) inputs after ``position_ids`` (``prompt_ids``)."""
+    past, present = _kv_names("past_key_values", num_layers), _kv_names("present", num_layers)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "logits_sequence"}}
+    axes.update({name: {0: "batch"} for name in row_inputs})
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in past})
+    axes.update({name: {0: "batch", 2: "total_sequence"} for name in present})
+    return GraphSpec("model", ["input_ids", "attention_mask", "position_ids", *row_inputs, *past, LOGITS_TO_KEEP],
+                     ["logits", *present], axes, defaults={LOGITS_TO_KEEP: 0})
+
+
+def causal_example(graph, batch: int, seq: int, past: int, row_values: tuple = ()) -> tuple:
+    """Trace inputs in ``causal_spec``'s order for a graph with ``model``, ``num_layers``, ``kv_heads``,
+    ``head_dim`` and ``prompt_key_0``; ``row_values``: the tensors of its ``row_inputs``."""
+    vocab = graph.model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    dtype = graph.prompt_key_0.dtype
+    return (torch.randint(0, vocab, (batch, seq), generator=g), torch.ones(batch, past + seq, dtype=torch.long),
+            torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous(), *row_values,
+            [torch.randn(batch, graph.kv_heads, past, graph.head_dim, generator=g).to(dtype)
+             for _ in range(2 * graph.num_layers)],
+            torch.tensor(0))
+
+
 class CausalLMGraph(nn.Module):
     """Decoder with past; the prompt's keys/values are constants computed once at export time.
 
@@ -86,23 +111,10 @@ class CausalLMGraph(nn.Module):
         self._keep_native = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def spec(self) -> GraphSpec:
-        past, present = _kv_names("past_key_values", self.num_layers), _kv_names("present", self.num_layers)
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "logits_sequence"}}
-        axes.update({name: {0: "batch", 2: "past_sequence"} for name in past})
-        axes.update({name: {0: "batch", 2: "total_sequence"} for name in present})
-        return GraphSpec("model", ["input_ids", "attention_mask", "position_ids", *past, LOGITS_TO_KEEP],
-                         ["logits", *present], axes, defaults={LOGITS_TO_KEEP: 0})
+        return causal_spec(self.num_layers)
 
     def example(self, batch=2, seq=3, past=4):
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        g = torch.Generator().manual_seed(0)
-        dtype = self.prompt_key_0.dtype
-        return (torch.randint(0, vocab, (batch, seq), generator=g), torch.ones(batch, past + seq, dtype=torch.long),
-                torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous(),
-                [torch.randn(batch, self.kv_heads, past, self.head_dim, generator=g).to(dtype)
-                 for _ in range(2 * self.num_layers)],
-                torch.tensor(0))
+        return causal_example(self, batch, seq, past)
 
     def forward(self, input_ids, attention_mask, position_ids, past, logits_to_keep):
         batch = input_ids.shape[0]
