@@ -21,6 +21,7 @@ import torch
 from . import manifest as mf
 from .errors import ParityError
 from .reference import PTuningModel
+from .runtime import generation as gen
 
 GREEDY_STEPS, LENGTH = 8, 7
 PADDED = (4, 1, 3, 5, 2, 6)  # real tokens of each adapter's padded row, in turn
@@ -37,10 +38,6 @@ def _batch(names: list, vocab: int, side: str, seed: int):
         cut = slice(0, pad) if side == "left" else slice(LENGTH - pad, LENGTH)
         ids[row, cut], mask[row, cut] = 0, 0
     return ids, mask, np.tile(np.arange(k, dtype=np.int64), 2)
-
-
-def _positions(mask: np.ndarray) -> np.ndarray:
-    return np.clip(np.cumsum(mask, -1) - 1, 0, None)
 
 
 def _alone(ref: PTuningModel, ids: np.ndarray, output: str) -> np.ndarray:
@@ -66,14 +63,13 @@ class _Graph:
         return dict(zip(self.outputs, self.session.run(None, feed), strict=True))
 
     def empty_past(self, batch: int) -> dict:
-        return {name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
-                for name, i in self.inputs.items() if name.startswith("past_key_values.")}
+        return gen.empty_past(self.session, batch)
 
 
 def _prefill(graph: _Graph, task: str, ids, mask, prompt_ids) -> dict:
     feed = {"input_ids": ids, "attention_mask": mask, "prompt_ids": prompt_ids, "token_type_ids": np.zeros_like(ids)}
     if task == "causal-lm":
-        feed.update(position_ids=_positions(mask), **graph.empty_past(ids.shape[0]))
+        feed.update(position_ids=gen.positions(mask), **graph.empty_past(ids.shape[0]))
     return graph.run(feed)
 
 

@@ -272,3 +272,22 @@ def test_large_vocabularies_keep_a_column_subset_that_still_sees_the_prompt(peft
     bad = _perturbed_copy(folder, tmp_path / "bad")
     with pytest.raises(rt.GoldenMismatchError):
         rt.verify_golden(bad, provider="cpu")
+
+
+def test_fp16_bound_on_a_column_subset_is_the_exports_own(peft_adapters, tmp_path, monkeypatch):
+    """fp16's bound grows with the largest reference logit; on a column subset that maximum could be smaller than
+    the whole vocabulary's, so golden.npz keeps the export's scales and the host applies the same bound."""
+    import importlib
+
+    from ptuning_onnx.export import export
+
+    golden_writer = importlib.import_module("ptuning_onnx.export.golden")
+    monkeypatch.setattr(golden_writer, "FULL_VOCAB_UP_TO", 100)
+    monkeypatch.setattr(golden_writer, "RANDOM_COLUMNS", 64)
+    folder = export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "fp16", dtype="fp16",
+                    progress=False).path
+    manifest = mf.read_manifest(folder)
+    assert set(manifest["golden"]["scales"]) == {"logits", "greedy_logits"}
+    report = rt.verify_golden(folder, provider="cpu")
+    for name in ("logits", "greedy_logits"):
+        assert report["tolerance"][name] == pytest.approx(manifest["parity"]["tolerance"][name])

@@ -74,9 +74,14 @@ def to_fp16(path: Path, external_data: Optional[bool]) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = graph_io.load(path)
-    for index, node in enumerate(model.graph.node):
+    taken = {node.name for node in model.graph.node}
+    for index, node in enumerate(model.graph.node):  # the chains are found, then cast, by node name
         if not node.name:
-            node.name = f"{node.op_type}_{index}"
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
     chains = norm_statistics_chains(model.graph)
     model = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
     _statistics_in_fp32(model.graph, chains)

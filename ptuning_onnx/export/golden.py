@@ -64,6 +64,7 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -
         if quantized and forced is not None:
             out["greedy.control.logits"] = np.asarray(forced, np.float32)
         steps = int(tokens.shape[1])
+    scales = _logit_scales(out)  # measured before any column subset: the export's bound used the whole vocabulary
     _keep_columns(out)
     for name, value in out.items():
         if value.dtype == object:  # np.savez would pickle it
@@ -76,7 +77,19 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -
         entry["rel_limit"] = report.get("rel_limit", REL_LIMIT)
     else:
         entry.update(atol=report["atol"], rtol=report.get("rtol", 0.0))
+        if "logits.columns" in out:
+            entry["scales"] = scales
     return entry
+
+
+def _logit_scales(out: dict) -> dict:
+    """Largest |reference| per compared output name (``logits``; decoding steps: ``greedy_logits``)."""
+    scales: dict = {}
+    for key, value in out.items():
+        if ".reference." in key and key.endswith(".logits"):
+            name = "greedy_logits" if key.startswith("greedy.") else "logits"
+            scales[name] = max(scales.get(name, 0.0), float(np.abs(value).max()) if value.size else 0.0)
+    return scales
 
 
 def _keep_columns(out: dict) -> None:

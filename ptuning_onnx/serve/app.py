@@ -235,8 +235,10 @@ def _rows(svc: Service, kind: str, texts, input_ids, *, params=None, stop: tuple
 
     ``adapter``: a multi-prompt folder's prompt for every row (required there; refused by a single-prompt folder)."""
     model = svc.ready_model()
-    chosen = model.prompt_ids(adapter, None, 1)  # the runtime's own check: unknown names listed, None refused
-    prompt_id = None if chosen is None else int(chosen[0])
+    model.prompt_ids(adapter, None, 1)  # the runtime's own check: unknown names listed, a missing one refused
+    if stop and model.tokenizer is None:
+        raise ApiError(400, "stop strings need the folder's tokenizer, and this folder has none; stop with "
+                            "eos_token_id instead")
     if (texts is None) == (input_ids is None):
         raise ApiError(400, "pass either texts (prompts) or input_ids, not both and not neither")
     items = [texts] if isinstance(texts, str) else texts if texts is not None else input_ids
@@ -253,7 +255,7 @@ def _rows(svc: Service, kind: str, texts, input_ids, *, params=None, stop: tuple
         else:
             ids, _, _, _ = model._batch(None, [item], None, new)
         rows.append(Row(kind, index, loop, events, ids=ids[0], text=item if kind == TAG else None, params=params,
-                        stop=stop, stream=stream, options=options, adapter=adapter, prompt_id=prompt_id))
+                        stop=stop, stream=stream, options=options, adapter=adapter))
     return rows
 
 

@@ -50,7 +50,6 @@ class Row:
     stream: bool = False
     options: tuple = ()  # embed: (pooling, normalize); rows are batched with rows of equal options only
     adapter: Optional[str] = None  # multi-prompt folders: this row's prompt (rows of any prompts batch together)
-    prompt_id: Optional[int] = None
     cancelled: bool = False
     tokens: list = field(default_factory=list)
     sent: str = ""  # text already streamed
@@ -186,7 +185,7 @@ class Batcher:
                                       device_id=model.device_id)
         else:
             steps = gen.causal_lm_steps(model.sessions["model"], ids, mask, chooser, longest, device=model.device,
-                                        device_id=model.device_id, prompt_ids=prompt_ids(rows))
+                                        device_id=model.device_id, prompt_ids=prompt_ids(model, rows))
         for _ in steps:
             pass
         for row, reason in zip(rows, cast(_RowsChooser, chooser).reasons, strict=True):
@@ -280,11 +279,11 @@ def _finish(model: RuntimeModel, row: Row, reason: str) -> dict:
     return {"text": text, "token_ids": list(row.tokens), "finish_reason": reason}
 
 
-def prompt_ids(rows: list) -> Optional[np.ndarray]:
-    """(B,) int64 prompt ids of a multi-prompt folder's rows, or None for a single-prompt folder."""
-    if rows[0].prompt_id is None:
+def prompt_ids(model: RuntimeModel, rows: list) -> Optional[np.ndarray]:
+    """(B,) int64 prompt ids of a multi-prompt folder's rows (names checked when the request came in), or None."""
+    if rows[0].adapter is None or not model.adapters:
         return None
-    return np.array([r.prompt_id for r in rows], np.int64)
+    return np.array([model.adapters[r.adapter] for r in rows], np.int64)
 
 
 def _adapters(rows: list) -> dict:

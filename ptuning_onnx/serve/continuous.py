@@ -110,6 +110,10 @@ class Continuous:
         not overtaken for ever by short ones), else the queue (blocking for the first when idle, then up to
         max_wait for companions)."""
         if self.pending:
+            for row in [r for r in self.pending if r.cancelled]:  # a client that left frees its place in line
+                row.emit("done", row.index, None)
+            self.pending = [r for r in self.pending if not r.cancelled]
+        if self.pending:
             waiting, self.pending = self.pending[:room], self.pending[room:]
             return waiting, stop
         rows: list = []
@@ -163,7 +167,7 @@ class Continuous:
             feed["position_ids"] = gen.positions(mask)
         if "logits_to_keep" in self.names:
             feed["logits_to_keep"] = np.array(1, np.int64)
-        prompts = prompt_ids(rows)
+        prompts = prompt_ids(self.model, rows)
         if prompts is not None:
             feed["prompt_ids"] = prompts
         try:
