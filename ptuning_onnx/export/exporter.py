@@ -154,7 +154,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                 from .fusion import fuse
 
                 optimization = fuse(tmp, [spec.name for spec in graphs], ref.base.config, task,
-                                    external_data=external_data)
+                                    external_data=external_data, ref=ref)
         if dtype == "fp16":
             with log.step("converting graphs to fp16"):
                 from .fp16 import to_fp16
