@@ -143,3 +143,30 @@ def test_quantization_that_swamps_the_prompt_is_refused_with_the_reason(peft_ada
     with pytest.raises(ParityError, match=r"by more than 0.75 of the prompt's own effect: logits=\d"):
         export(MODELS / "bert", peft_adapters["token-cls"], tmp_path / "out", quantize="int4", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_quantized_gate_on_a_model_with_few_positions(tmp_path):
+    """A GPT-2 of 26 positions with 5 virtual tokens leaves 21 user tokens: parity's cases stop at length 1 (the
+    greedy steps take 16), and the quantized gate compares the longest padded case there is (it used to index an
+    empty list). The export passes or fails the gate with a message; the exact gate ran first either way."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import make_peft_adapter
+
+    config = GPT2Config.from_pretrained(MODELS / "gpt2")
+    config.n_positions = 26
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (MODELS / "gpt2" / name).exists():
+            (tmp_path / "base" / name).write_bytes((MODELS / "gpt2" / name).read_bytes())
+    adapter = make_peft_adapter(tmp_path / "adapter", tmp_path / "base", "CAUSAL_LM", "AutoModelForCausalLM")[1]
+    try:
+        result = export(tmp_path / "base", adapter, tmp_path / "out", quantize="int8", progress=False)
+    except ParityError as exc:
+        assert "fp32" not in str(exc).split(":")[0]  # judged by the quantized gate, not an exact-gate failure
+        return
+    report = result.report
+    assert report["gate"] == "quantized" and report["negative_control"]["failed_as_expected"]
+    assert report["passed"] and result.manifest["model"]["max_user_tokens"] == 21
