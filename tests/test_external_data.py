@@ -22,7 +22,8 @@ def _locations(path):
 
 @pytest.mark.parametrize("options,task", [({}, "causal-lm-llama"), ({}, "seq2seq-lm"), ({"dtype": "fp16"}, "seq-cls"),
                                           ({"optimize": True}, "causal-lm"), ({"quantize": "int8"}, "causal-lm"),
-                                          ({"quantize": "int4"}, "causal-lm-llama")])
+                                          ({"quantize": "int4"}, "causal-lm-llama"),
+                                          ({"optimize": True, "quantize": "int4"}, "causal-lm-llama")])
 def test_every_pass_writes_one_data_file_per_graph(peft_adapters, tmp_path, options, task):
     model = TASKS[task][0]
     result = export(MODELS / model, peft_adapters[task], tmp_path / "out", external_data=True, progress=False,
