@@ -190,9 +190,9 @@ def test_mismatched_adapters_are_refused_naming_the_adapter(built, tmp_path):
     make_peft_adapter(tmp_path / "llama", MODELS / "llama", "CAUSAL_LM", "AutoModelForCausalLM")
     with pytest.raises(ConfigError, match="adapter 'other' was trained on .*llama, whose config.json differs"):
         export_multi(MODELS / "gpt2", {"news": good, "other": tmp_path / "llama"}, tmp_path / "o2", progress=False)
-    make_peft_adapter(tmp_path / "cls", MODELS / "bert", "SEQ_CLS", "AutoModelForSequenceClassification", num_labels=2)
-    with pytest.raises(ConfigError, match="not seq-cls"):
-        export_multi(MODELS / "bert", {"a": tmp_path / "cls", "b": tmp_path / "cls"}, tmp_path / "o3", progress=False)
+    make_peft_adapter(tmp_path / "t5", MODELS / "t5", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM")
+    with pytest.raises(ConfigError, match="not seq2seq-lm"):
+        export_multi(MODELS / "t5", {"a": tmp_path / "t5", "b": tmp_path / "t5"}, tmp_path / "o3", progress=False)
     with pytest.raises(ConfigError, match="adapter 'gone'"):
         export_multi(MODELS / "gpt2", {"news": good, "gone": tmp_path / "missing"}, tmp_path / "o4", progress=False)
     with pytest.raises(ConfigError, match="given twice"):

@@ -8,8 +8,10 @@ prompt at 0..n_k-1 and the row's first real token at n_k.
 
 - causal-lm: each adapter's prompt keys/values are computed once here, as in the single export (wrappers.py),
   and stacked to (K, kv_heads, N, head_dim) per layer; the graph gathers a row's with ``prompt_ids``.
-- feature-extraction: the prompt tables (K, N, hidden) are gathered and prepended to the embeddings.
-- seq-cls and token-cls adapters each carry their own trained head, and seq2seq-lm is not done yet: refused.
+- feature-extraction, seq-cls and token-cls: the prompt tables (K, N, hidden) are gathered and prepended to the
+  embeddings; seq-cls and token-cls then apply every adapter's own trained head and keep each row's
+  (multi_heads.py), logits padded to the largest label count.
+- seq2seq-lm is not done yet: refused.
 
 Every adapter must be for the same task and the same base model (its recorded base's config.json, where that
 folder exists, must hash like the given base's); a mismatch is refused naming the adapter.
@@ -17,6 +19,7 @@ folder exists, must hash like the given base's); a mismatch is refused naming th
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -31,17 +34,19 @@ from .._fs import temp_beside
 from ..adapter import load_adapter
 from ..config import TASK_TO_CLI, TaskType, parse_task
 from ..errors import ConfigError, PtuningError
-from ..reference import PTuningModel
+from ..reference import PTuningModel, head_modules
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
 from .genai import write_genai_config
-from .wrappers import (CausalLMGraph, GraphSpec, _cache, _layers, causal_example,
+from .multi_heads import RowHeads, label_info, with_modules
+from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, _layers, causal_example,
                        causal_spec)
 
 PROMPT_IDS = "prompt_ids"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION)
+MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
+HEADED = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 
 
 def parse_adapter_specs(specs: list) -> dict:
@@ -85,7 +90,7 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
     if tasks[first] not in MULTI_TASKS:
         raise ConfigError(f"several adapters in one export: supported for "
                           f"{', '.join(TASK_TO_CLI[t] for t in MULTI_TASKS)}, not {TASK_TO_CLI[tasks[first]]} "
-                          "(seq-cls and token-cls adapters each carry their own head); export them one by one")
+                          "; export them one by one")
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base model folder {base_dir} has no config.json")
     base_sha = mf.sha256_file(base_dir / "config.json")
@@ -96,7 +101,7 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
             raise ConfigError(f"adapter {name!r} was trained on {recorded}, whose config.json differs from "
                               f"--base-model {base_dir}'s (sha256 {mf.sha256_file(config)[:12]}... != "
                               f"{base_sha[:12]}...); every adapter must share the base model")
-    refs = {first: load_reference(base_dir, loaded[first], tasks[first])}
+    refs = {first: _named(first, load_reference, base_dir, loaded[first], tasks[first])}
     base = refs[first].base
     width = int(refs[first].table.shape[1])
     for name, adapter in loaded.items():
@@ -105,12 +110,26 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
         if adapter.prompt_embeddings.shape[1] != width:
             raise ConfigError(f"adapter {name!r} has token_dim {adapter.prompt_embeddings.shape[1]} but the base "
                               f"model's hidden size is {width}; every adapter must share the base model")
-        refs[name] = PTuningModel(base, adapter.prompt().to(base.dtype), tasks[first]).eval()
+        own = base
+        if tasks[first] in HEADED:
+            # Its own head (labels read from the adapter, as a single export does), grafted onto the shared body.
+            alone = _named(name, load_reference, base_dir, adapter, tasks[first]).base
+            own = with_modules(base, {path: alone.get_submodule(path) for path in head_modules(base)},
+                               config=alone.config)
+        refs[name] = PTuningModel(own, adapter.prompt().to(base.dtype), tasks[first]).eval()
     lengths = {name: ref.n for name, ref in refs.items()}
     if len(set(lengths.values())) > 1 and not refs[first]._takes_positions:
         raise ConfigError(f"'{base.config.model_type}' takes no explicit positions, so prompts of different lengths "
                           f"({lengths}) cannot share a graph exactly; give every adapter the same num_virtual_tokens")
     return refs, loaded
+
+
+def _named(name: str, load, *args):
+    """``load(*args)``, its ConfigError naming the adapter it was about."""
+    try:
+        return load(*args)
+    except ConfigError as exc:
+        raise ConfigError(f"adapter {name!r}: {exc}") from None
 
 
 def _padded(tables: list, length: int, axis: int) -> torch.Tensor:
@@ -181,16 +200,21 @@ class MultiCausalLMGraph(nn.Module):
 
 
 class MultiEncoderGraph(nn.Module):
-    """feature-extraction with K prompt tables, one picked per row by ``prompt_ids``.
+    """feature-extraction, seq-cls, token-cls with K prompt tables, one picked per row by ``prompt_ids``.
 
     Inputs: input_ids (B, S), attention_mask (B, S) [, token_type_ids (B, S)], prompt_ids (B,).
-    Output: last_hidden_state (B, S, D), user positions only.
+    Output: last_hidden_state (B, S, D) | logits (B, L) | logits (B, S, L), user positions only; L is the largest
+    label count, each row's adapter's labels first and ``LABEL_PAD`` after (multi_heads.py).
     """
 
     def __init__(self, refs: list, extra_inputs: list):
         super().__init__()
         first = refs[0]
         self.base, self.extra = first.base, list(extra_inputs)
+        self.output = EncoderTaskGraph.OUTPUT[first.task.value]
+        # seq-cls, token-cls: the body once, then every adapter's head, each row keeping its own (multi_heads.py).
+        self.row_heads = RowHeads(refs) if first.task in HEADED else None
+        self.task_ref = self.row_heads.ref if self.row_heads else first
         self.n = max(ref.n for ref in refs)
         self.takes_positions, self.offset = first._takes_positions, first.position_offset
         self.register_buffer("tables", _padded([ref.prompt_embeds(1)[0] for ref in refs], self.n, 0))  # (K, N, D)
@@ -201,8 +225,8 @@ class MultiEncoderGraph(nn.Module):
         names = ["input_ids", "attention_mask", *self.extra, PROMPT_IDS]
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
         axes[PROMPT_IDS] = {0: "batch"}
-        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
-        return GraphSpec("model", names, ["last_hidden_state"], axes)
+        axes[self.output] = {0: "batch"} if self.task_ref.task == TaskType.SEQ_CLS else {0: "batch", 1: "sequence"}
+        return GraphSpec("model", names, [self.output], axes)
 
     def example(self, batch=2, seq=5):
         vocab = self.base.get_input_embeddings().weight.shape[0]
@@ -226,7 +250,10 @@ class MultiEncoderGraph(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = torch.cat([torch.zeros_like(prompt_mask).to(token_type_ids.dtype),
                                                   token_type_ids], 1)
-        return self.base(**kwargs)["last_hidden_state"][:, self.n:]
+        if self.row_heads is None:
+            return self.task_ref.task_forward(kwargs, self.n)[self.output]
+        with self.row_heads.select(prompt_ids):
+            return self.task_ref.task_forward(kwargs, self.n)[self.output]
 
 
 def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *, task=None, opset: int = 18,
@@ -265,6 +292,12 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
                       f"{route})"):
             graphs = _export_graphs(first, tmp, opset, route, external_data, make_wrappers=make)
         _copy_side_files(Path(base_model), first, tmp)
+        if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
+            width = max(label_info(ref)["num_labels"] for ref in ordered)
+            padded = copy.deepcopy(first.base.config)
+            padded.id2label = {i: f"LABEL_{i}" for i in range(width)}
+            padded.label2id = {f"LABEL_{i}": i for i in range(width)}
+            padded.save_pretrained(tmp)
         manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
                                    loaded[names[0]].config, opset, "fp32", None, None, route)
         _describe(manifest, refs, loaded, adapters)
@@ -302,6 +335,10 @@ def _describe(manifest: dict, refs: dict, loaded: dict, paths: dict) -> None:
         name: {"id": index, "num_virtual_tokens": refs[name].n, "path": str(Path(paths[name]).resolve()),
                "adapter_config": loaded[name].config.to_dict()}
         for index, name in enumerate(refs)}
+    if first.task in HEADED:  # each adapter's own head: its label count and names; the graph pads to the largest
+        for name, ref in refs.items():
+            manifest["adapters"][name].update(label_info(ref))
+        manifest["model"]["id2label"] = None
     manifest["golden"] = None  # golden.npz's entry once parity passed
 
 
@@ -314,6 +351,9 @@ def _write_golden(folder: Path, arrays: dict, report: dict) -> dict:
 
     _keep_columns(arrays)
     np.savez(folder / mf.GOLDEN_NAME, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    # scales: each output's largest |reference| on real values, as parity measured it (the arrays hold LABEL_PAD
+    # in padded label columns, and large vocabularies keep a column subset), for fp16's relative bound.
     return {"file": mf.GOLDEN_NAME, "format_version": GOLDEN_FORMAT, "cases": 1, "gate": "exact",
-            "greedy_steps": report.get("greedy_steps"), "atol": report["atol"], "rtol": 0.0,
+            "greedy_steps": report.get("greedy_steps"), "atol": report["atol"], "rtol": report.get("rtol", 0.0),
+            "scales": report.get("scales"),
             "logits_columns": int(arrays["logits.columns"].size) if "logits.columns" in arrays else None}
