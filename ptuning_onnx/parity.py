@@ -45,8 +45,12 @@ class _Graphs:
             self.sessions[name] = session
         self.float = np.float16 if manifest["dtype"] == "fp16" else np.float32
 
+    prompt_id = 0  # multi-prompt graphs (export/multi.py): the adapter of rows whose feed has no prompt_ids
+
     def run(self, graph: str, feed: dict) -> dict:
         session = self.sessions[graph]
+        if "prompt_ids" not in feed and any(i.name == "prompt_ids" for i in session.get_inputs()):
+            feed = {**feed, "prompt_ids": np.full(len(feed["input_ids"]), self.prompt_id, np.int64)}
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(None, feed), strict=True))
 

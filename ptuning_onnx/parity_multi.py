@@ -20,6 +20,7 @@ import torch
 
 from . import manifest as mf
 from .errors import ParityError
+from .parity import ReferenceMemo, _Graphs
 from .reference import PTuningModel
 from .runtime import generation as gen
 
@@ -234,3 +235,88 @@ def _failure(message: str, report: dict) -> ParityError:
     exc = ParityError(message)
     exc.report = report
     return exc
+
+
+class _AdapterGraphs(_Graphs):
+    """A multi-prompt folder's graphs seen as adapter ``prompt_id``'s single export: every row takes that prompt,
+    and seq-cls/token-cls logits are cut to its ``labels`` (the graph pads them to the largest count)."""
+
+    def __init__(self, folder: Path, manifest: dict, device: str, prompt_id: int, labels: Optional[int]):
+        super().__init__(folder, manifest, device)
+        self.prompt_id, self.labels = prompt_id, labels
+
+    def run(self, graph: str, feed: dict) -> dict:
+        out = super().run(graph, feed)
+        if self.labels is not None:
+            out["logits"] = out["logits"][..., :self.labels]
+        return out
+
+
+def check_quantized_multi(folder: os.PathLike, refs: dict, manifest: dict, *, device: str = "cpu",
+                          exact: Optional[dict] = None):
+    """The quantized gate (parity_quantized.py) per adapter: adapter k's rows (all given id k) against adapter k's
+    reference, with k's own perturbed-prompt control. Returns (report, memo): the report has each adapter's under
+    ``adapters`` and, per output, the worst relative error; the memo holds every adapter's cases stacked along the
+    batch in id order (labels padded with ``LABEL_PAD``), for golden.npz (export/golden.py, ``adapters=K``).
+    Raises ``ParityError`` naming the adapter that failed."""
+    from .parity_quantized import check_quantized
+
+    folder = Path(folder)
+    names = list(refs)
+    labels = {name: (entry.get("num_labels") if manifest["task"] in ("seq-cls", "token-cls") else None)
+              for name, entry in manifest["adapters"].items()}
+    reports, memos = {}, []
+    for k, name in enumerate(names):
+        memo = ReferenceMemo()  # one per adapter: the inputs are the same, the references are not
+        graphs = _AdapterGraphs(folder, manifest, device, k, labels[name])
+        try:
+            reports[name] = check_quantized(folder, refs[name], manifest, device=device, memo=memo, graphs=graphs)
+        except ParityError as exc:
+            exc.args = (f"adapter {name!r}: {exc.args[0]}",)
+            raise
+        memos.append(memo)
+    worst = {}
+    for report in reports.values():
+        for key, value in report["relative_error"].items():
+            worst[key] = max(worst.get(key, 0.0), value)
+    control = {key: min(r["negative_control"]["relative_error"][key] for r in reports.values()) for key in worst}
+    report = {"gate": "quantized", "quantize": manifest.get("quantize"), "passed": True, "device": device,
+              "rel_limit": next(iter(reports.values()))["rel_limit"], "relative_error": worst,
+              "negative_control": {"relative_error": control, "failed_as_expected": True},
+              "adapters": reports, "fp32_exact": exact,
+              "greedy_steps": next(iter(reports.values())).get("greedy_steps")}
+    return report, _stacked(memos)
+
+
+def _stacked(memos: list):
+    """One ReferenceMemo whose entries are the adapters' (same inputs, in the same order) stacked along the batch."""
+    from .export.multi_heads import LABEL_PAD
+
+    def cat(values: list) -> np.ndarray:
+        width = max(v.shape[-1] for v in values)
+        pad = [np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - v.shape[-1])], constant_values=LABEL_PAD)
+               for v in values]
+        return np.concatenate(pad, 0)
+
+    out = ReferenceMemo()
+    per = [m.entries("reference", "case") for m in memos]
+    for cases in zip(*per, strict=True):
+        arrays = [np.concatenate(parts, 0) for parts in zip(*(a for a, _ in cases), strict=True)]
+        first = cases[0][0]
+        controls = [m.lookup("control", "case", first) for m in memos]
+        for role, outs in (("reference", [o for _, o in cases]), ("control", controls)):
+            if any(o is None for o in outs):
+                continue
+            merged = {name: cat([o[name] for o in outs]) for name in outs[0] if name != "present"}
+            out.get(role, "case", arrays, lambda merged=merged: merged)
+    greedy = [m.entries("reference", "greedy") for m in memos]
+    if all(greedy):
+        (ids, mask), _ = greedy[0][0]
+        tokens = np.concatenate([g[0][1][0] for g in greedy], 0)
+        logits = np.concatenate([g[0][1][1] for g in greedy], 0)
+        stacked = [np.concatenate([ids] * len(memos), 0), np.concatenate([mask] * len(memos), 0)]
+        out.get("reference", "greedy", stacked, lambda: (tokens, logits))
+        forced = [m.lookup("control", "forced", [ids, mask, g[0][1][0]]) for m, g in zip(memos, greedy, strict=True)]
+        if all(f is not None for f in forced):
+            out.get("control", "forced", [*stacked, tokens], lambda: np.concatenate(forced, 0))
+    return out

@@ -38,6 +38,7 @@ from ..reference import PTuningModel, head_modules
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
+from .passes import apply_passes, check_options
 from .genai import write_genai_config
 from .multi_heads import RowHeads, label_info, with_modules
 from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, _layers, causal_example,
@@ -257,20 +258,26 @@ class MultiEncoderGraph(nn.Module):
 
 
 def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *, task=None, opset: int = 18,
+                 dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
                  atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
                  progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None) -> ExportResult:
-    """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``; fp32.
+    """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``.
 
-    Parity: each adapter's rows of a mixed, padded batch against that adapter alone (parity_multi.py).
+    ``dtype``, ``optimize``, ``quantize``: the single export's passes (passes.py), in the same order. Parity: each
+    adapter's rows of a mixed, padded batch against that adapter alone (parity_multi.py), by the dtype's rule;
+    quantized graphs: first the fp32 graph exactly, then the quantized gate per adapter. Parity runs on the CPU
+    (``device="cuda"`` is refused: check the folder on a GPU host with ``ptuning-verify --provider cuda``).
     """
-    from ..parity_multi import check_multi
-    from ..tolerance import default_atol
+    from ..parity_multi import check_multi, check_quantized_multi
+    from ..tolerance import default_atol, default_rtol
+    from .golden import write_golden
 
     output = _check_output(output, overwrite)
-    if not isinstance(opset, int) or not 14 <= opset <= 21:
-        raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
-    if external_data not in (None, True, False):
-        raise ConfigError(f"external_data must be None, True or False, got {external_data!r}")
+    check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
+                  skip_verify=skip_verify)
+    if device != "cpu":
+        raise ConfigError(f"--device {device}: a multi-prompt export's parity runs on the CPU; check the folder on a "
+                          "GPU host with ptuning-verify --provider cuda (its golden.npz holds every adapter's rows)")
     if not adapters:
         raise ConfigError("no adapters given")
     route = _resolve_route(exporter)
@@ -286,11 +293,27 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
     else:
         def make():
             return [MultiEncoderGraph(ordered, _optimum.extra_inputs(first.base, first.task))]
+
+    def manifest_for(graph_dtype, graph_quantize, optimization) -> dict:
+        manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
+                                   loaded[names[0]].config, opset, graph_dtype, graph_quantize, optimization, route)
+        _describe(manifest, refs, loaded, adapters)
+        return manifest
+
     tmp = temp_beside(output)
     try:
         with log.step(f"exporting one {TASK_TO_CLI[first.task]} graph for {len(names)} prompts (opset {opset}, "
                       f"{route})"):
             graphs = _export_graphs(first, tmp, opset, route, external_data, make_wrappers=make)
+
+        def exact_fp32(optimization):
+            fp32 = manifest_for("fp32", None, optimization)
+            return _verified(lambda: check_multi(tmp, refs, fp32, atol=default_atol()), output)
+
+        optimization, exact = apply_passes(tmp, graphs, first.base.config, first.task, log, optimize=optimize,
+                                           dtype=dtype, quantize=quantize, external_data=external_data,
+                                           exact_fp32=None if skip_verify else exact_fp32,
+                                           raw_attention_mask=True)  # shorter prompts leave masked slots
         _copy_side_files(Path(base_model), first, tmp)
         if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
             width = max(label_info(ref)["num_labels"] for ref in ordered)
@@ -298,21 +321,26 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             padded.id2label = {i: f"LABEL_{i}" for i in range(width)}
             padded.label2id = {f"LABEL_{i}": i for i in range(width)}
             padded.save_pretrained(tmp)
-        manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
-                                   loaded[names[0]].config, opset, "fp32", None, None, route)
-        _describe(manifest, refs, loaded, adapters)
+        manifest = manifest_for(dtype, quantize, optimization)
         if first.task == TaskType.CAUSAL_LM:  # genai feeds prompt_ids with generator.set_model_input (FORMAT.md)
             write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:
-            tolerance = default_atol() if atol is None else atol
-            arrays: dict = {}
-            with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
-                          f"(atol {tolerance:g})"):
-                report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, golden=arrays), output)
+            if quantize:
+                with log.step(f"verifying the {quantize} graph per adapter (teacher-forced, error relative to each "
+                              "prompt's effect)"):
+                    report, memo = _verified(lambda: check_quantized_multi(tmp, refs, manifest, exact=exact), output)
+                manifest["golden"] = write_golden(tmp, memo, manifest["task"], report, adapters=len(names))
+            else:
+                tolerance, rtol = (default_atol(dtype) if atol is None else atol), default_rtol(dtype)
+                arrays: dict = {}
+                with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
+                              f"(atol {tolerance:g}" + (f", rtol {rtol:g})" if rtol else ")")):
+                    report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, rtol=rtol,
+                                                           golden=arrays), output)
+                manifest["golden"] = _write_golden(tmp, arrays, report)
             manifest["parity"] = report
             manifest["model"]["padding_invariant"] = True  # the check compares padded rows with rows alone
-            manifest["golden"] = _write_golden(tmp, arrays, report)
         finalize(tmp, manifest, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,7 +367,7 @@ def _describe(manifest: dict, refs: dict, loaded: dict, paths: dict) -> None:
         for name, ref in refs.items():
             manifest["adapters"][name].update(label_info(ref))
         manifest["model"]["id2label"] = None
-    manifest["golden"] = None  # golden.npz's entry once parity passed
+    manifest.setdefault("golden", None)  # golden.npz's entry once parity passed
 
 
 def _write_golden(folder: Path, arrays: dict, report: dict) -> dict:
