@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MODELS, make_gpt2_adapters, make_peft_adapter
+from conftest import MODELS, make_gpt2_adapters, make_peft_adapter, rotated_golden_fails
 
 CAUSAL = {"news": ("MLP", 20, 0), "chat": ("LSTM", 12, 1)}  # int4 needs a prompt whose effect int4 noise stays under
 
@@ -19,29 +19,6 @@ CAUSAL = {"news": ("MLP", 20, 0), "chat": ("LSTM", 12, 1)}  # int4 needs a promp
 @pytest.fixture(scope="module")
 def gpt2_adapters(tmp_path_factory):
     return make_gpt2_adapters(tmp_path_factory.mktemp("passes-adapters"), CAUSAL)
-
-
-def _rotated_golden_fails(folder, tmp_path, adapters: int) -> None:
-    """golden.npz with every row's prompt id moved to the next adapter (rehashed) must fail verify_golden."""
-    import shutil
-
-    from ptuning_onnx import manifest as mf
-    from ptuning_onnx.runtime.golden import GoldenMismatchError, verify_golden
-
-    copy = tmp_path / "rotated"
-    shutil.copytree(folder, copy)
-    with np.load(copy / "golden.npz", allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    rotated = [k for k in arrays if k.endswith("prompt_ids")]
-    assert rotated
-    for name in rotated:
-        arrays[name] = (arrays[name] + 1) % adapters
-    np.savez(copy / "golden.npz", **arrays)
-    manifest = mf.read_manifest(copy, verify=False)
-    manifest["files"]["golden.npz"] = mf.sha256_file(copy / "golden.npz")
-    mf.write_manifest(copy, manifest)
-    with pytest.raises(GoldenMismatchError):
-        verify_golden(copy)
 
 
 def test_int4_causal_lm_is_gated_per_adapter(gpt2_adapters, tmp_path):
@@ -62,7 +39,7 @@ def test_int4_causal_lm_is_gated_per_adapter(gpt2_adapters, tmp_path):
     # golden.npz holds every adapter's rows, with their prompt ids; a wrong id fails it
     golden = verify_golden(result.path)
     assert golden["passed"] and golden["gate"] == "quantized"
-    _rotated_golden_fails(result.path, tmp_path, len(CAUSAL))
+    rotated_golden_fails(result.path, tmp_path, len(CAUSAL))
     # the gate can fail: the same folder against swapped references
     refs, _ = load_references(MODELS / "gpt2", gpt2_adapters)
     with pytest.raises(ParityError, match="adapter 'news'"):
@@ -83,7 +60,7 @@ def test_fp16_and_optimize_causal_lm_mixed_batch(gpt2_adapters, tmp_path):
     for name, value in report["max_abs_diff"].items():
         assert value <= report["tolerance"][name] < report["negative_control"]["min_row_max_abs_diff"]
     assert verify_golden(result, provider="cpu")["passed"]
-    _rotated_golden_fails(result, tmp_path, len(CAUSAL))
+    rotated_golden_fails(result, tmp_path, len(CAUSAL))
 
 
 def export_multi_cli(adapters: dict, output, *flags) -> object:
@@ -116,7 +93,7 @@ def test_int8_seq_cls_with_its_own_heads(tmp_path):
     assert report["passed"] and set(report["adapters"]) == set(adapters)
     assert all(e["relative_error"]["logits"] <= 0.75 for e in report["adapters"].values())
     assert verify_golden(result.path)["passed"]
-    _rotated_golden_fails(result.path, tmp_path, 2)
+    rotated_golden_fails(result.path, tmp_path, 2)
     texts = ["a good film", "bad", "the plot was thin but fun"]
     names = ["topic", "sentiment", "topic"]
     got = runtime.load(result.path).classify(texts, adapters=names)
