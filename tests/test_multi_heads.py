@@ -175,3 +175,13 @@ def test_decoder_score_heads_pool_each_rows_last_real_token(tmp_path, torch_one_
         ids = encoded.input_ids[row][encoded.attention_mask[row] == 1]
         peft = _peft_logits(built["peft"][name], ids, HEADS[name][1], per_token=False)
         assert np.abs(np.array(got[row]["logits"]) - peft).max() <= 1e-4
+
+
+def test_dynamo_route_exports_per_row_heads(seq_cls, tmp_path):
+    """The dynamo exporter traces the same graph (the heads' row selection included) and passes the same check."""
+    pytest.importorskip("onnxscript")
+    from ptuning_onnx.export.multi import export_multi
+
+    result = export_multi(MODELS / "bert", seq_cls["adapters"], tmp_path / "dynamo", progress=False, exporter="dynamo")
+    assert result.manifest["exporter"] == "dynamo" and result.report["passed"]
+    assert result.report["max_abs_diff"]["logits"] <= 1e-4 and result.report["negative_control"]["failed_as_expected"]

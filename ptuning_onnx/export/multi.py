@@ -235,8 +235,10 @@ class MultiEncoderGraph(nn.Module):
         return (ids, torch.ones_like(ids), *[torch.zeros_like(ids) for _ in self.extra],
                 torch.arange(batch) % self.prompt_mask.shape[0])
 
-    def forward(self, input_ids, attention_mask, *rest):
-        token_type_ids, prompt_ids = (rest[0] if self.extra else None), rest[-1]
+    def forward(self, input_ids, attention_mask, third, fourth=None):
+        # (token_type_ids, prompt_ids) or (prompt_ids,): named parameters, not *args, which torch.export packs into
+        # one tuple that the dynamo route's dynamic shapes cannot name.
+        token_type_ids, prompt_ids = (third, fourth) if self.extra else (None, third)
         prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
         embeds = self.base.get_input_embeddings()(input_ids)
         kwargs = {"inputs_embeds": torch.cat([self.tables.index_select(0, prompt_ids).to(embeds.dtype), embeds], 1),
