@@ -320,3 +320,28 @@ def _stacked(memos: list):
         if all(f is not None for f in forced):
             out.get("control", "forced", [*stacked, tokens], lambda: np.concatenate(forced, 0))
     return out
+
+
+def verify_multi(folder: os.PathLike, manifest: dict, base_model: os.PathLike, *, atol: Optional[float] = None,
+                 device: str = "cpu") -> dict:
+    """Re-run a multi-prompt folder's parity against PyTorch (``ptuning-verify --reference``): its adapters from the
+    paths its manifest recorded, by the gate its export used (exact for fp32/fp16, quantized per adapter)."""
+    from .errors import ConfigError
+    from .export.multi import load_references
+    from .tolerance import default_atol, default_rtol
+
+    if device != "cpu":
+        raise ConfigError(f"--device {device}: a multi-prompt folder's reference check runs on the CPU; on a GPU "
+                          "host run ptuning-verify DIR --provider cuda (golden.npz)")
+    entries = sorted(manifest["adapters"].items(), key=lambda item: item[1]["id"])
+    paths = {name: Path(entry["path"]) for name, entry in entries}
+    missing = [f"{name} ({path})" for name, path in paths.items() if not path.is_dir()]
+    if missing:
+        raise ConfigError(f"adapter folders of {folder} not found: {', '.join(missing)}")
+    refs, _ = load_references(base_model, paths, manifest["task"])
+    if manifest.get("quantize"):
+        exact = (manifest.get("parity") or {}).get("fp32_exact")
+        return check_quantized_multi(folder, refs, manifest, device=device, exact=exact)[0]
+    dtype = manifest.get("dtype", "fp32")
+    return check_multi(folder, refs, manifest, atol=default_atol(dtype) if atol is None else atol,
+                       rtol=default_rtol(dtype))

@@ -185,3 +185,19 @@ def test_dynamo_route_exports_per_row_heads(seq_cls, tmp_path):
     result = export_multi(MODELS / "bert", seq_cls["adapters"], tmp_path / "dynamo", progress=False, exporter="dynamo")
     assert result.manifest["exporter"] == "dynamo" and result.report["passed"]
     assert result.report["max_abs_diff"]["logits"] <= 1e-4 and result.report["negative_control"]["failed_as_expected"]
+
+
+def test_verify_against_pytorch_reads_the_adapters_from_the_manifest(seq_cls, tmp_path):
+    """ptuning-verify --reference on a multi-prompt folder: every adapter's reference, from its recorded path."""
+    from ptuning_onnx.cli.verify import main
+    from ptuning_onnx.errors import ConfigError
+    from ptuning_onnx.parity import verify
+
+    report = verify(seq_cls["multi"].path, report=tmp_path / "r.json")
+    assert report["passed"] and set(report["adapters"]) == set(HEADS)
+    assert json.loads((tmp_path / "r.json").read_text())["passed"]
+    assert main([str(seq_cls["multi"].path), "--reference"]) == 0
+    with pytest.raises(ConfigError, match="holds 2 adapters"):
+        verify(seq_cls["multi"].path, base_model=MODELS / "bert", adapter=seq_cls["adapters"]["topic"])
+    with pytest.raises(ConfigError, match="differs from the one"):
+        verify(seq_cls["multi"].path, base_model=MODELS / "gpt2")

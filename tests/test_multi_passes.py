@@ -25,6 +25,7 @@ def test_int4_causal_lm_is_gated_per_adapter(gpt2_adapters, tmp_path):
     from ptuning_onnx import runtime
     from ptuning_onnx.errors import ParityError
     from ptuning_onnx.export.multi import export_multi, load_references
+    from ptuning_onnx.parity import verify
     from ptuning_onnx.parity_multi import check_quantized_multi
     from ptuning_onnx.runtime.golden import verify_golden
 
@@ -44,6 +45,7 @@ def test_int4_causal_lm_is_gated_per_adapter(gpt2_adapters, tmp_path):
     refs, _ = load_references(MODELS / "gpt2", gpt2_adapters)
     with pytest.raises(ParityError, match="adapter 'news'"):
         check_quantized_multi(result.path, dict(zip(refs, [refs["chat"], refs["news"]], strict=True)), manifest)
+    assert verify(result.path)["gate"] == "quantized"  # ptuning-verify --reference: the same gate per adapter
     model = runtime.load(result.path)
     ids = np.random.default_rng(0).integers(5, 1000, (2, 6))
     assert model.generate(input_ids=ids, adapters=["news", "chat"], max_new_tokens=4).shape == (2, 4)
