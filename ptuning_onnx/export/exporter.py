@@ -141,7 +141,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
 
         optimization, exact = apply_passes(tmp, graphs, ref.base.config, task, log, optimize=optimize, dtype=dtype,
                                            quantize=quantize, external_data=external_data,
-                                           exact_fp32=None if skip_verify else exact_fp32)
+                                           exact_fp32=None if skip_verify else exact_fp32, ref=ref)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimization, route)

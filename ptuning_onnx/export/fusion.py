@@ -30,26 +30,60 @@ RECIPES = {
 REPEATS = 5
 
 
-def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bool] = None,
+def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bool] = None, ref=None,
          raw_attention_mask: bool = False) -> dict:
     """Fuse each graph in ``folder`` (names in ``graphs``), time fused against unfused, keep the faster.
 
-    ``raw_attention_mask``: fused attention keeps the 2-D mask. The BERT recipe otherwise turns it into one end index
-    per row, which assumes every masked position comes after the real ones: true of a right-padded single export,
-    false of a multi-prompt graph, whose shorter prompts leave masked slots BEFORE the user's tokens (measured: 4.8e-3
-    off on the tiny BERT). Returns the manifest's ``optimization`` entry."""
+    A Llama-family causal LM (``ref`` given) is fused by writing its graph anew (build_llama.py) instead of by
+    onnxruntime's pattern matching, which finds little in a traced decoder. ``raw_attention_mask``: fused attention
+    keeps the 2-D mask. The BERT recipe otherwise turns it into one end index per row, which assumes every masked
+    position comes after the real ones: true of a right-padded single export, false of a multi-prompt graph, whose
+    shorter prompts leave masked slots BEFORE the user's tokens (measured: 4.8e-3 off on the tiny BERT). Returns the
+    manifest's ``optimization`` entry."""
+    from ..config import TaskType
+
     model_type = getattr(config, "model_type", None)
+    why_not = None
+    if ref is not None and task == TaskType.CAUSAL_LM and graphs == ["model"]:
+        from . import build_llama
+
+        why_not = build_llama.unsupported(config)
+        if why_not is None:
+            return _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
+                                lambda path, candidate: build_llama.build(
+                                    ref, candidate, opset=_opset(path), external_data=_external(path, external_data)))
     recipe = RECIPES.get(model_type)
     if recipe is None:
         return {"kept": "unfused", "reason": f"no fusion recipe for model type {model_type!r}"}
     heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if getattr(config, k, 0)), 0)
     hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if getattr(config, k, 0)), 0)
-    fused_ops, candidates = {}, {}
+    entry = _keep_faster(folder, graphs, config, task, external_data, recipe,
+                         lambda path, candidate: _fuse_one(path, candidate, recipe, heads, hidden, external_data,
+                                                           raw_attention_mask))
+    if why_not:
+        entry["builder"] = f"not built: {why_not}"
+    return entry
+
+
+def _opset(path: Path) -> int:
+    return next(o.version for o in graph_io.load(path, data=False).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _external(path: Path, external_data: Optional[bool]) -> Optional[bool]:
+    return external_data if external_data is not None else graph_io.is_external(path) or None
+
+
+def _keep_faster(folder: Path, graphs: list, config, task, external_data, recipe: str, make) -> dict:
+    """``make(path, candidate)`` writes each graph's fused candidate and returns its fused-op counts; both are
+    timed on the task's workload and the faster is kept. Node counts (top level) go in the entry too."""
+    fused_ops, candidates, nodes = {}, {}, {}
     for name in graphs:
         path = folder / f"{name}.onnx"
         candidate = folder / f"{name}.fused.onnx"
-        fused_ops[name] = _fuse_one(path, candidate, recipe, heads, hidden, external_data, raw_attention_mask)
+        fused_ops[name] = make(path, candidate)
         candidates[name] = candidate
+        nodes[name] = {kind: len(graph_io.load(p, data=False).graph.node)
+                       for kind, p in (("unfused", path), ("fused", candidate))}
     try:
         unfused_ms, fused_ms = _time_both(folder, graphs, candidates, task, config)
         keep = fused_ms < unfused_ms
@@ -61,7 +95,7 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
             for leftover in (candidate, candidate.parent / graph_io.data_name(candidate)):
                 if leftover.exists():
                     leftover.unlink()
-    return {"recipe": recipe, "fused_ops": fused_ops, "kept": "fused" if keep else "unfused",
+    return {"recipe": recipe, "fused_ops": fused_ops, "nodes": nodes, "kept": "fused" if keep else "unfused",
             "ms": {"unfused": round(unfused_ms, 3), "fused": round(fused_ms, 3)}, "provider": "cpu",
             "workload": WORKLOAD_TEXT.get(task.value, "")}
 
@@ -93,8 +127,7 @@ def _fuse_one(path: Path, candidate: Path, recipe: str, heads: int, hidden: int,
     if before - after:
         raise ExportError(f"fusing {path.name} removed graph inputs {sorted(before - after)}")
     stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
-    graph_io.save(model.model, candidate, external=external_data if external_data is not None
-                  else graph_io.is_external(path) or None)
+    graph_io.save(model.model, candidate, external=_external(path, external_data))
     return stats
 
 

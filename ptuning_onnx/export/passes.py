@@ -41,11 +41,13 @@ def check_options(*, dtype: str, device: str, quantize: Optional[str], external_
 
 def apply_passes(tmp: Path, graphs: list, config, task: TaskType, log, *, optimize: bool, dtype: str,
                  quantize: Optional[str], external_data: Optional[bool], exact_fp32=None,
-                 raw_attention_mask: bool = False) -> tuple:
+                 raw_attention_mask: bool = False, ref=None) -> tuple:
     """The optional passes over the traced graphs in ``tmp``, in order: fusions, fp16, quantization; shared by the
     single and the multi-prompt export. ``exact_fp32(optimization)``: the exact gate on the fp32 graph, run before
     quantizing (None with --skip-verify). ``raw_attention_mask``: for fusion.py (masks with holes: multi-prompt
-    graphs). Returns (the manifest's ``optimization`` entry, the exact gate's report)."""
+    graphs). ``ref``: the reference a single export's graph was traced from, for fusion.py's Llama builder (which
+    writes a single-prompt graph; the multi-prompt export passes None and gets onnxruntime's fusions). Returns
+    (the manifest's ``optimization`` entry, the exact gate's report)."""
     from ..tolerance import default_atol
 
     optimization = None
@@ -54,7 +56,7 @@ def apply_passes(tmp: Path, graphs: list, config, task: TaskType, log, *, optimi
             from .fusion import fuse
 
             optimization = fuse(tmp, [spec.name for spec in graphs], config, task, external_data=external_data,
-                                raw_attention_mask=raw_attention_mask)
+                                raw_attention_mask=raw_attention_mask, ref=ref)
     if dtype == "fp16":
         with log.step("converting graphs to fp16"):
             from .fp16 import to_fp16

@@ -1,0 +1,303 @@
+"""A fused causal-lm graph for the Llama family, written node by node instead of traced.
+
+The TorchScript trace of a Llama decoder is ~300 small nodes per layer (rotary as slices and concats, RMS norm as
+Pow/ReduceMean/Sqrt/Div, the causal mask rebuilt every step), and onnxruntime's fusions find only the norms and the
+rotary in it: at batch 1 each decoding step is launch-bound. This module writes the same computation in ~20 nodes
+per layer with onnxruntime's contrib ops, as onnxruntime-genai's model builder does for a base model:
+
+    SkipSimplifiedLayerNormalization -> MatMul (packed q|k|v) -> Split -> RotaryEmbedding (q, k)
+    -> GroupQueryAttention (grouped KV heads, causal, past + new keys in one buffer) -> MatMul (o)
+    -> SkipSimplifiedLayerNormalization -> MatMul (packed gate|up) -> Split -> SiLU * up -> MatMul (down)
+
+Its interface is the traced graph's, unchanged (``wrappers.causal_spec``): the runtime, parity, golden.npz,
+genai_config.json and the service do not know which one they load. What differs is inside:
+
+- the prompt's keys/values (rotary applied, computed once by ``CausalLMGraph``) are constants joined in front of
+  the user's past, and the first n positions are cut off each ``present``, exactly as in the trace;
+- the mask becomes GroupQueryAttention's ``attention_bias`` (0 or float32 min per key position, the prompt's
+  always 0), so left padding works; every row's ``seqlens_k`` is the full buffer, as padding is in the bias;
+- rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``.
+
+Weights come from the reference model's own tensors, q|k|v and gate|up packed into one MatMul each, so the int8
+and int4 passes (optimize.py) quantize 4 MatMuls per layer plus the lm_head. Families: llama, mistral (no sliding
+window), qwen2 (q/k/v biases); anything else (other rope types, sliding windows, biases elsewhere) is refused with
+the reason, and the export keeps the traced graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import graph_io
+from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, causal_spec
+
+FAMILIES = ("llama", "mistral", "qwen2")
+MS = "com.microsoft"
+_F32_MIN = float(np.finfo(np.float32).min)
+
+
+def unsupported(config) -> Optional[str]:
+    """Why this config cannot be built (None when it can)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        return f"model type {model_type!r} is not one of {', '.join(FAMILIES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (only silu)"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases"
+    if model_type != "qwen2" and getattr(config, "attention_bias", False):
+        return "attention biases"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", model_type == "mistral"):
+        return "a sliding attention window"
+    rope = getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("dynamic", "longrope"):
+        return f"rope scaling {kind!r} (its frequencies depend on the sequence length)"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    return None
+
+
+class _Graph:
+    """Nodes, initializers and unique names for one graph; ``sub()`` opens a subgraph (an ``If`` branch) that
+    shares the names and keeps its constants in the outer graph."""
+
+    def __init__(self, root: Optional["_Graph"] = None):
+        self.nodes: list = []
+        self.root = root or self
+        self.weights: list = []
+        self._count = 0
+
+    def sub(self) -> "_Graph":
+        return _Graph(self.root)
+
+    def name(self, hint: str) -> str:
+        self.root._count += 1
+        return f"{hint}_{self.root._count}"
+
+    def const(self, hint: str, value) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.root.weights.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list, outputs=1, domain: str = "", hint: Optional[str] = None, **attrs):
+        from onnx import helper
+
+        if isinstance(outputs, int):
+            outputs = [self.name(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain,
+                                           **attrs))
+        named = [o for o in outputs if o]  # "" skips an optional output
+        return named[0] if len(named) == 1 else named
+
+
+def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = None) -> dict:
+    """Write the fused graph of ``ref`` (a baked causal-lm ``PTuningModel``) to ``path``; returns its fused-op
+    counts (contrib ops, GroupQueryAttention counted once per layer)."""
+    import torch
+    from onnx import TensorProto, helper
+
+    config = ref.base.config
+    reason = unsupported(config)
+    if reason:
+        raise ValueError(f"no fused graph for this model: {reason}")
+    traced = CausalLMGraph(ref)  # the prompt's keys/values, as the traced graph holds them
+    spec = causal_spec(traced.num_layers)
+    heads, kv_heads = config.num_attention_heads, traced.kv_heads
+    head_dim = traced.head_dim
+    n, offset = traced.n, traced.offset
+    params = {k: v.detach().float().numpy() for k, v in ref.base.state_dict().items()}
+    inner = "model."
+
+    def weight(key: str) -> np.ndarray:
+        return params[inner + key]
+
+    g = _Graph()
+    one = g.const("one", np.array([1], np.int64))
+    zero = g.const("zero", np.array([0], np.int64))
+
+    # Shapes, the mask as an additive bias over the prompt + past + new keys, and the rotary positions.
+    ids_shape = g.op("Shape", ["input_ids"])
+    batch = g.op("Gather", [ids_shape, zero], axis=0)  # (1,)
+    seq = g.op("Gather", [ids_shape, one], axis=0)
+    prompt_ones = g.op("Expand", [g.const("ones", np.ones((1, n), np.int64)), g.op("Concat", [batch, one], axis=0)])
+    full_mask = g.op("Concat", [prompt_ones, "attention_mask"], axis=1)  # (B, n + T)
+    total = g.op("Gather", [g.op("Shape", [full_mask]), one], axis=0)  # (1,)
+    # One additive bias (B, 1, S, n + T) for both attention paths: 0 where a query may see a key (causal, and the
+    # key is the prompt's or a real token), float32 min elsewhere.
+    total_s, seq_s = g.op("Squeeze", [total, zero]), g.op("Squeeze", [seq, zero])
+    step = g.const("step", np.array(1, np.int64))
+    rows = g.op("Range", [g.op("Sub", [total_s, seq_s]), total_s, step])  # the new tokens' places in the buffer
+    cols = g.op("Range", [g.const("zero_s", np.array(0, np.int64)), total_s, step])
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, zero]), g.op("Unsqueeze", [rows, one])])  # (S, L)
+    valid = g.op("Unsqueeze", [g.op("Cast", [full_mask], to=TensorProto.BOOL), one])  # (B, 1, L)
+    visible = g.op("And", [g.op("Unsqueeze", [causal, zero]), valid])  # (B, S, L)
+    bias = g.op("Where", [visible, g.const("zero_f", np.array(0.0, np.float32)),
+                          g.const("f32_min", np.array(_F32_MIN, np.float32))])
+    bias = g.op("Unsqueeze", [bias, one], hint="attention_bias")  # (B, 1, S, L)
+    total_i32 = g.op("Cast", [total_s], to=TensorProto.INT32)  # scalar
+    seqlens = g.op("Expand", [g.op("Sub", [total_i32, g.const("one_i32", np.array(1, np.int32))]), batch],
+                   hint="seqlens_k")  # (B,): every row's buffer is full length; padding lives in the bias
+    # GroupQueryAttention takes new tokens after a past only one row at a time (onnxruntime: "batch_size must be 1
+    # when sequence_length > 1 and past context is given"); a prefill of several rows takes the plain path.
+    one_s = g.const("one_s", np.array(1, np.int64))
+    use_gqa = g.op("Or", [g.op("Equal", [seq_s, one_s]), g.op("Equal", [g.op("Squeeze", [batch, zero]), one_s])])
+    group = heads // kv_heads
+    bias5 = g.op("Unsqueeze", [bias, one])  # (B, 1, 1, S, L)
+    scores_shape = g.op("Concat", [g.const("s5", np.array([0, kv_heads, group, -1], np.int64)), total], axis=0)
+    probs_shape = g.op("Concat", [g.const("s4", np.array([0, kv_heads, -1], np.int64)), total], axis=0)
+    rotary_pos = g.op("Add", ["position_ids", g.const("offset", np.array(offset, np.int64))])
+
+    # The reference's own rotary tables (its scaling included), one row per position.
+    limit = int(getattr(config, "max_position_embeddings", 2048)) + offset
+    with torch.no_grad():
+        probe = torch.zeros(1, 1, head_dim)
+        cos, sin = ref.base.model.rotary_emb(probe, torch.arange(limit).unsqueeze(0))
+    cos_cache = g.const("cos_cache", cos[0, :, : head_dim // 2].float().numpy())
+    sin_cache = g.const("sin_cache", sin[0, :, : head_dim // 2].float().numpy())
+
+    hidden_states = g.op("Gather", [g.const("embed_tokens", weight("embed_tokens.weight")), "input_ids"], axis=0)
+    eps = float(config.rms_norm_eps)
+    inter = int(config.intermediate_size)
+    qkv_sizes = g.const("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
+    mlp_sizes = g.const("mlp_sizes", np.array([inter, inter], np.int64))
+    per_row = g.op("Concat", [batch, one, one, one], axis=0)  # the prompt's keys/values, once per row
+    cut = g.const("prompt_len", np.array([n], np.int64))
+    end = g.const("end", np.array([np.iinfo(np.int64).max], np.int64))
+    axis2 = g.const("axis2", np.array([2], np.int64))
+    residual = None
+    presents: list = []
+    branch_nodes: list = []
+    for i in range(traced.num_layers):
+        layer = f"layers.{i}."
+        norm_w = g.const(f"ln_in_{i}", weight(layer + "input_layernorm.weight"))
+        if residual is None:
+            normed = g.op("SimplifiedLayerNormalization", [hidden_states, norm_w], epsilon=eps, axis=-1,
+                          stash_type=1)
+            residual = hidden_states
+        else:
+            normed, residual = g.op("SkipSimplifiedLayerNormalization", [hidden_states, residual, norm_w],
+                                    outputs=[g.name("normed"), "", "", g.name("residual")], domain=MS, epsilon=eps)
+        attn = layer + "self_attn."
+        qkv_w = np.concatenate([weight(attn + f"{p}_proj.weight") for p in "qkv"], 0).T
+        qkv = g.op("MatMul", [normed, g.const(f"qkv_{i}", qkv_w)])
+        if (inner + attn + "q_proj.bias") in params:
+            qkv_b = np.concatenate([weight(attn + f"{p}_proj.bias") for p in "qkv"], 0)
+            qkv = g.op("Add", [qkv, g.const(f"qkv_bias_{i}", qkv_b)])
+        q, k, v = g.op("Split", [qkv, qkv_sizes], outputs=3, axis=-1)
+        q = g.op("RotaryEmbedding", [q, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=heads, interleaved=0)
+        k = g.op("RotaryEmbedding", [k, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=kv_heads,
+                 interleaved=0)
+        pasts = []
+        for kind, index in (("key", 2 * i), ("value", 2 * i + 1)):
+            prompt = g.const(f"prompt_{kind}_{i}", getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy())
+            prompt = g.op("Expand", [prompt, per_row])
+            pasts.append(g.op("Concat", [prompt, spec.inputs[3 + index]], axis=2))
+        then = g.sub()
+        fused = then.op("GroupQueryAttention", [q, k, v, pasts[0], pasts[1], seqlens, total_i32, "", "", "", bias],
+                        outputs=3, domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
+        branch_nodes += then.nodes
+        plain = _plain_attention(g.sub(), q, k, v, pasts, bias5, scores_shape, probs_shape, heads, kv_heads,
+                                 head_dim)
+        out, present_k, present_v = g.op("If", [use_gqa], outputs=3, then_branch=_branch(then, "gqa", fused),
+                                         else_branch=_branch(plain[0], "plain", plain[1]))
+        for present in (present_k, present_v):
+            name = spec.outputs[1 + len(presents)]
+            presents.append(g.op("Slice", [present, cut, end, axis2], outputs=[name]))
+        attn_out = g.op("MatMul", [out, g.const(f"o_{i}", weight(attn + "o_proj.weight").T)])
+        post_w = g.const(f"ln_post_{i}", weight(layer + "post_attention_layernorm.weight"))
+        normed, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, post_w],
+                                outputs=[g.name("normed"), "", "", g.name("residual")], domain=MS, epsilon=eps)
+        mlp = layer + "mlp."
+        gate_up_w = np.concatenate([weight(mlp + "gate_proj.weight"), weight(mlp + "up_proj.weight")], 0).T
+        gate, up = g.op("Split", [g.op("MatMul", [normed, g.const(f"gate_up_{i}", gate_up_w)]),
+                                  mlp_sizes], outputs=2, axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        hidden_states = g.op("MatMul", [act, g.const(f"down_{i}", weight(mlp + "down_proj.weight").T)])
+    final_w = g.const("norm", weight("norm.weight"))
+    normed = g.op("SkipSimplifiedLayerNormalization", [hidden_states, residual, final_w], domain=MS, epsilon=eps)
+
+    # logits_to_keep: the last k positions (0 = all), as the trace does.
+    k = g.op("Reshape", [LOGITS_TO_KEEP, one])
+    start = g.op("Where", [g.op("Greater", [k, zero]), g.op("Neg", [g.op("Min", [k, seq])]), zero])
+    kept = g.op("Slice", [normed, start, end, one])
+    lm_head = params.get("lm_head.weight", params[inner + "embed_tokens.weight"])
+    g.op("MatMul", [kept, g.const("lm_head", lm_head.T)], outputs=["logits"])
+
+    inputs = _value_infos(spec, traced, config, kind="inputs")
+    outputs = _value_infos(spec, traced, config, kind="outputs")
+    graph = helper.make_graph(g.nodes, "ptuning_llama_fused", inputs, outputs, g.weights)
+    graph.initializer.append(_default(LOGITS_TO_KEEP, spec.defaults[LOGITS_TO_KEEP]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              producer_name="ptuning-onnx", doc_string="fused Llama-family causal-lm graph")
+    model.ir_version = 8
+    graph_io.save(model, path, external=external_data)
+    counts: dict = {}
+    for node in g.nodes + branch_nodes:
+        if node.domain == MS or node.op_type == "SimplifiedLayerNormalization":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _plain_attention(g: _Graph, q, k, v, pasts, bias5, scores_shape, probs_shape, heads: int, kv_heads: int,
+                     head_dim: int):
+    """Grouped attention from standard ops, any batch and length: -> (graph, [out, present_k, present_v]).
+
+    Each KV head's g query heads are stacked along the sequence axis, so keys/values are never repeated:
+    q (B, S, H*D) -> (B, KV, g*S, D); scores (B, KV, g*S, L) viewed as (B, KV, g, S, L) to add the bias."""
+    group = heads // kv_heads
+    presents = []
+    for new, past in ((k, pasts[0]), (v, pasts[1])):
+        new = g.op("Transpose", [g.op("Reshape", [new, g.const("kv_shape", np.array([0, 0, kv_heads, head_dim],
+                                                                                   np.int64))])], perm=[0, 2, 1, 3])
+        presents.append(g.op("Concat", [past, new], axis=2))  # (B, KV, L, D)
+    q = g.op("Reshape", [q, g.const("q5", np.array([0, 0, kv_heads, group, head_dim], np.int64))])
+    q = g.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # (B, KV, g, S, D)
+    q = g.op("Reshape", [q, g.const("q4", np.array([0, kv_heads, -1, head_dim], np.int64))])
+    scores = g.op("MatMul", [q, g.op("Transpose", [presents[0]], perm=[0, 1, 3, 2])])
+    scores = g.op("Mul", [scores, g.const("scale", np.array(head_dim ** -0.5, np.float32))])
+    scores = g.op("Add", [g.op("Reshape", [scores, scores_shape]), bias5])
+    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), probs_shape])
+    out = g.op("MatMul", [probs, presents[1]])  # (B, KV, g*S, D)
+    out = g.op("Reshape", [out, g.const("o5", np.array([0, kv_heads, group, -1, head_dim], np.int64))])
+    out = g.op("Transpose", [out], perm=[0, 3, 1, 2, 4])  # (B, S, KV, g, D)
+    out = g.op("Reshape", [out, g.const("o3", np.array([0, 0, heads * head_dim], np.int64))])
+    return g, [out, *presents]
+
+
+def _branch(g: _Graph, name: str, outputs: list):
+    """An ``If`` branch: its nodes, and its outputs typed float (shapes left to the node)."""
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(g.nodes, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                 for o in outputs])
+
+
+def _default(name: str, value: int):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array(value, np.int64), name)
+
+
+def _value_infos(spec, traced, config, *, kind: str) -> list:
+    from onnx import TensorProto, helper
+
+    axes = spec.dynamic_axes
+    infos = []
+    names = [n for n in spec.inputs if n != LOGITS_TO_KEEP] if kind == "inputs" else spec.outputs
+    for name in names:
+        if name in ("input_ids", "attention_mask", "position_ids"):
+            shape, dtype = [axes[name][0], axes[name][1]], TensorProto.INT64
+        elif name == "logits":
+            shape, dtype = [axes[name][0], axes[name][1], int(config.vocab_size)], TensorProto.FLOAT
+        else:
+            shape, dtype = [axes[name][0], traced.kv_heads, axes[name][2], traced.head_dim], TensorProto.FLOAT
+        infos.append(helper.make_tensor_value_info(name, dtype, shape))
+    if kind == "inputs":
+        infos.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    return infos

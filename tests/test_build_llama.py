@@ -1,0 +1,113 @@
+"""The fused Llama-family graph (export/build_llama.py): what ``--optimize`` writes for a Llama causal LM.
+
+Real parts: the tiny Llama of models/, PEFT-written adapters, onnxruntime sessions; PEFT is the oracle for the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import MODELS, make_peft_adapter
+from ptuning_onnx.adapter import load_adapter
+from ptuning_onnx.errors import ParityError
+from ptuning_onnx.export import export
+from ptuning_onnx.export import build_llama
+from ptuning_onnx.export.exporter import load_reference
+from ptuning_onnx.parity import check_parity
+
+
+@pytest.fixture(scope="module")
+def built(peft_adapters, tmp_path_factory):
+    """An optimized export of the tiny Llama (GQA: 4 heads over 2 KV heads) and its traced twin."""
+    root = tmp_path_factory.mktemp("built")
+    adapter = peft_adapters["causal-lm-llama"]
+    fused = export(MODELS / "llama", adapter, root / "fused", optimize=True, progress=False)
+    return fused, adapter, root
+
+
+def test_optimize_writes_the_fused_graph_and_keeps_exact_parity(built):
+    fused, _, _ = built
+    decision = fused.manifest["optimization"]
+    assert decision["recipe"] == "ptuning-onnx llama builder"
+    layers = json.loads((MODELS / "llama" / "config.json").read_text())["num_hidden_layers"]
+    assert decision["fused_ops"]["model"]["GroupQueryAttention"] == layers
+    assert decision["nodes"]["model"]["fused"] < decision["nodes"]["model"]["unfused"] / 3
+    report = fused.report
+    assert report["passed"] and report["atol"] == 1e-4 and report["negative_control"]["failed_as_expected"]
+    assert report["padding_invariant"]["passed"]  # the plain path (several rows) = the GQA path (one row)
+    if decision["kept"] == "fused":
+        ops = {n.op_type for n in onnx.load(str(fused.path / "model.onnx")).graph.node}
+        assert {"If", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops
+
+
+def test_fused_graph_generates_what_peft_generates(built, tmp_path):
+    """Greedy tokens through the runtime (left-padded batch of 3, one row alone) equal PEFT's own generate."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ptuning_onnx import runtime
+
+    fused, adapter, _ = built
+    build_llama.build(load_reference(MODELS / "llama", load_adapter(adapter), None), tmp_path / "model.onnx")
+    folder = tmp_path / "folder"
+    import shutil
+
+    shutil.copytree(fused.path, folder)
+    shutil.copy(tmp_path / "model.onnx", folder / "model.onnx")  # the fused graph, whatever the timing kept
+    model = runtime.load(folder, verify=False)
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(4, 1000, size=n).tolist() for n in (7, 3, 12)]
+    width = max(map(len, rows))
+    ids = np.array([[3] * (width - len(r)) + r for r in rows], np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+    ours = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODELS / "llama"), adapter).eval()
+    for row, got in zip(rows, ours, strict=True):
+        with torch.no_grad():
+            ids = torch.tensor([row])
+            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                do_sample=False, pad_token_id=3, eos_token_id=None)
+        assert list(got) == out[0, len(row):].tolist()
+
+
+def test_parity_fails_a_fused_graph_built_from_another_prompt(built, tmp_path):
+    """Negative control for the builder itself: the graph of a different adapter's prompt, dropped into this
+    folder, fails the same exact gate."""
+    import shutil
+
+    fused, adapter, root = built
+    other = make_peft_adapter(root / "other", MODELS / "llama", "CAUSAL_LM", "AutoModelForCausalLM", seed=7)[1]
+    folder = tmp_path / "folder"
+    shutil.copytree(fused.path, folder)
+    build_llama.build(load_reference(MODELS / "llama", load_adapter(other), None), folder / "model.onnx")
+    ref = load_reference(MODELS / "llama", load_adapter(adapter), None)
+    manifest = json.loads((folder / "ptuning_onnx.json").read_text())
+    with pytest.raises(ParityError, match="differs from the PyTorch reference"):
+        check_parity(folder, ref, manifest, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"model_type": "gpt2"}, "model type 'gpt2'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"model_type": "mistral", "sliding_window": 64}, "sliding attention window"),
+])
+def test_unsupported_configs_are_named(change, reason):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**json.loads((MODELS / "llama" / "config.json").read_text()))
+    assert build_llama.unsupported(config) is None
+    for key, value in change.items():
+        setattr(config, key, value)
+    assert reason in build_llama.unsupported(config)
+
+
+def test_optimize_on_gpt2_says_why_no_graph_was_built(peft_adapters, tmp_path):
+    result = export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", optimize=True, progress=False)
+    decision = result.manifest["optimization"]
+    assert decision["recipe"] == "gpt2" and "model type 'gpt2'" in decision["builder"]
