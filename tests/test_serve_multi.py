@@ -148,6 +148,7 @@ def test_classify_and_tag_take_an_adapter_per_request(classifiers):
         assert len(other["logits"]) != len(got["logits"])
     info = httpx.get(f"{server.url}/v1/model", timeout=10).json()
     assert info["adapter_labels"] == {"sentiment": ["LABEL_0", "LABEL_1"], "topic": ["LABEL_0", "LABEL_1", "LABEL_2"]}
+    assert info["labels"] is None  # no labels shared by every adapter
     bad = httpx.post(f"{server.url}/v1/classify", json={"texts": ["x"], "adapter": "nope"}, timeout=10)
     assert bad.status_code == 400 and "sentiment, topic" in bad.json()["error"]["message"]
     assert httpx.post(f"{server.url}/v1/classify", json={"texts": ["x"]}, timeout=10).status_code == 400

@@ -88,7 +88,7 @@ def create_app(config: ServeConfig) -> tuple[Any, Service]:
     @app.get("/v1/model")
     async def model_info():
         m = svc.ready_model()
-        labels = getattr(m, "id2label", None)
+        labels = None if _adapter_labels(m) else getattr(m, "id2label", None)  # multi-prompt: per adapter
         return {"task": m.task, "labels": [labels[k] for k in sorted(labels)] if labels else None,
                 "num_virtual_tokens": m.num_virtual_tokens, "dtype": m.manifest.get("dtype", "fp32"),
                 "providers": m.providers, "device": m.device, "vocab_size": m.vocab_size,
