@@ -201,3 +201,34 @@ def test_verify_against_pytorch_reads_the_adapters_from_the_manifest(seq_cls, tm
         verify(seq_cls["multi"].path, base_model=MODELS / "bert", adapter=seq_cls["adapters"]["topic"])
     with pytest.raises(ConfigError, match="differs from the one"):
         verify(seq_cls["multi"].path, base_model=MODELS / "gpt2")
+
+
+def test_a_base_with_its_own_classifier_still_gets_each_adapters(tmp_path, torch_one_thread):
+    """A base whose checkpoint already holds a classifier (nothing is fresh in it): each adapter's saved head must
+    still replace it per row. Heads are found from the adapters' weights, not from the checkpoint's missing keys."""
+    import shutil
+
+    import transformers
+
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export.multi import export_multi
+
+    base = tmp_path / "bert-cls"
+    torch.manual_seed(3)
+    transformers.AutoModelForSequenceClassification.from_pretrained(MODELS / "bert", num_labels=2).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MODELS / "bert" / name, base / name)
+    made = {name: make_peft_adapter(tmp_path / name, base, "SEQ_CLS", "AutoModelForSequenceClassification",
+                                    encoder=enc, num_virtual_tokens=n, seed=seed, num_labels=2)
+            for name, (enc, n, seed, _) in HEADS.items()}
+    result = export_multi(base, {k: v[1] for k, v in made.items()}, tmp_path / "multi", progress=False)
+    model = runtime.load(result.path)
+    names = ["topic", "sentiment"]
+    got = model.classify(TEXTS[:2], adapters=names)
+    encoded = model.tokenizer.encode(TEXTS[:2])
+    for row, name in enumerate(names):
+        ids = encoded.input_ids[row][encoded.attention_mask[row] == 1]
+        peft = _peft_logits(made[name][0], ids, HEADS[name][1], per_token=False)
+        assert np.abs(np.array(got[row]["logits"]) - peft).max() <= 1e-4
+        other = _peft_logits(made["sentiment" if name == "topic" else "topic"][0], ids, HEADS[name][1], False)
+        assert np.abs(np.array(got[row]["logits"]) - other).max() > 1e-2

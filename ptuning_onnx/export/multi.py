@@ -34,13 +34,13 @@ from .._fs import temp_beside
 from ..adapter import load_adapter
 from ..config import TASK_TO_CLI, TaskType, parse_task
 from ..errors import ConfigError, PtuningError
-from ..reference import PTuningModel, head_modules
+from ..reference import PTuningModel
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
 from .passes import apply_passes, check_options
 from .genai import write_genai_config
-from .multi_heads import RowHeads, label_info, with_modules
+from .multi_heads import RowHeads, head_paths, label_info, with_modules
 from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, _layers, causal_example,
                        causal_spec)
 
@@ -105,6 +105,7 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
     refs = {first: _named(first, load_reference, base_dir, loaded[first], tasks[first])}
     base = refs[first].base
     width = int(refs[first].table.shape[1])
+    heads = head_paths(base, list(loaded.values()))
     for name, adapter in loaded.items():
         if name == first:
             continue
@@ -115,8 +116,7 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
         if tasks[first] in HEADED:
             # Its own head (labels read from the adapter, as a single export does), grafted onto the shared body.
             alone = _named(name, load_reference, base_dir, adapter, tasks[first]).base
-            own = with_modules(base, {path: alone.get_submodule(path) for path in head_modules(base)},
-                               config=alone.config)
+            own = with_modules(base, {path: alone.get_submodule(path) for path in heads}, config=alone.config)
         refs[name] = PTuningModel(own, adapter.prompt().to(base.dtype), tasks[first]).eval()
     lengths = {name: ref.n for name, ref in refs.items()}
     if len(set(lengths.values())) > 1 and not refs[first]._takes_positions:

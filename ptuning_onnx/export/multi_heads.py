@@ -72,6 +72,27 @@ def with_modules(root: nn.Module, modules: dict, **attributes) -> nn.Module:
     return clone
 
 
+def head_paths(base: nn.Module, adapters: list) -> list:
+    """Modules each adapter brings its own of: those holding any adapter's head weights (``modules_to_save``, e.g.
+    ``classifier`` or RoBERTa's ``classifier.dense`` and ``classifier.out_proj``), plus the base's fresh heads.
+    Read from the weights rather than from names, so a base whose checkpoint already has a classifier still gets
+    each adapter's."""
+    from ..reference import head_modules
+
+    found = {key.rpartition(".")[0] for adapter in adapters for key in adapter.head_weights}
+    found.update(head_modules(base))
+    # A module inside another one already listed is replaced with it.
+    return sorted(p for p in found if p and not any(p.startswith(q + ".") for q in found if q != p))
+
+
+def own_modules(refs: list) -> list:
+    """Paths of the modules whose parameters are not all shared between the references (their heads)."""
+    first = dict(refs[0].base.named_parameters(remove_duplicate=False))
+    others = [dict(ref.base.named_parameters(remove_duplicate=False)) for ref in refs[1:]]
+    found = {name.rpartition(".")[0] for name, param in first.items() if any(o.get(name) is not param for o in others)}
+    return sorted(p for p in found if not any(p.startswith(q + ".") for q in found if q != p))
+
+
 class RowHeads:
     """The multi-prompt graph's view of a task reference whose head modules are :class:`PerRowHeads`.
 
@@ -79,10 +100,8 @@ class RowHeads:
     ``PerRowHeads`` inside it, whose ``rows`` :meth:`select` sets for one forward."""
 
     def __init__(self, refs: list):
-        from ..reference import head_modules
-
         first = refs[0]
-        paths = head_modules(first.base)
+        paths = own_modules(refs)
         self.heads = [PerRowHeads([ref.base.get_submodule(path) for ref in refs]) for path in paths]
         base = with_modules(first.base, dict(zip(paths, self.heads, strict=True)))
         self.ref = with_modules(first, {"base": base})
