@@ -33,7 +33,7 @@ from .. import manifest as mf
 from .._fs import temp_beside
 from ..adapter import load_adapter
 from ..config import TASK_TO_CLI, TaskType, parse_task
-from ..errors import ConfigError, PtuningError
+from ..errors import ConfigError, ExportError, PtuningError
 from ..reference import PTuningModel
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
@@ -117,6 +117,14 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
             # Its own head (labels read from the adapter, as a single export does), grafted onto the shared body.
             alone = _named(name, load_reference, base_dir, adapter, tasks[first]).base
             own = with_modules(base, {path: alone.get_submodule(path) for path in heads}, config=alone.config)
+            # The grafted model must BE the adapter's single reference, weight for weight: parity compares against
+            # it, so a head left shared would pass unseen.
+            mine, theirs = own.state_dict(), alone.state_dict()
+            differ = [k for k, v in theirs.items() if k not in mine or mine[k].shape != v.shape
+                      or not torch.equal(mine[k], v)]
+            if differ:
+                raise ExportError(f"adapter {name!r}: on the shared body it differs from its own reference in "
+                                  f"{', '.join(differ[:4])}; its head modules were not all found")
         refs[name] = PTuningModel(own, adapter.prompt().to(base.dtype), tasks[first]).eval()
     lengths = {name: ref.n for name, ref in refs.items()}
     if len(set(lengths.values())) > 1 and not refs[first]._takes_positions:
