@@ -12,8 +12,11 @@ per layer with onnxruntime's contrib ops, as onnxruntime-genai's model builder d
 Its interface is the traced graph's, unchanged (``wrappers.causal_spec``): the runtime, parity, golden.npz,
 genai_config.json and the service do not know which one they load. What differs is inside:
 
-- the prompt's keys/values (rotary applied, computed once by ``CausalLMGraph``) are constants joined in front of
-  the user's past, and the first n positions are cut off each ``present``, exactly as in the trace;
+- the prompt's keys/values (rotary applied, computed once by ``CausalLMGraph``) are constants. At the prefill (empty
+  past) they join the NEW keys/values behind placeholder queries whose outputs are dropped, so GroupQueryAttention
+  runs its first-prompt mode, which takes a batch of any size (after a past it takes several new tokens only one
+  row at a time); when a past is given they lead it. The first n positions are cut off each ``present``, as in
+  the trace;
 - the mask becomes GroupQueryAttention's ``attention_bias`` (0 or float32 min per key position, the prompt's
   always 0), so left padding works; every row's ``seqlens_k`` is the full buffer, as padding is in the bias;
 - rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``.
@@ -98,7 +101,7 @@ class _Graph:
 
 def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = None) -> dict:
     """Write the fused graph of ``ref`` (a baked causal-lm ``PTuningModel``) to ``path``; returns its fused-op
-    counts (contrib ops, GroupQueryAttention counted once per layer)."""
+    counts."""
     import torch
     from onnx import TensorProto, helper
 
@@ -127,30 +130,31 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
     seq = g.op("Gather", [ids_shape, one], axis=0)
     prompt_ones = g.op("Expand", [g.const("ones", np.ones((1, n), np.int64)), g.op("Concat", [batch, one], axis=0)])
     full_mask = g.op("Concat", [prompt_ones, "attention_mask"], axis=1)  # (B, n + T)
-    total = g.op("Gather", [g.op("Shape", [full_mask]), one], axis=0)  # (1,)
-    # One additive bias (B, 1, S, n + T) for both attention paths: 0 where a query may see a key (causal, and the
-    # key is the prompt's or a real token), float32 min elsewhere.
-    total_s, seq_s = g.op("Squeeze", [total, zero]), g.op("Squeeze", [seq, zero])
+    total = g.op("Gather", [g.op("Shape", [full_mask]), one], axis=0)  # (1,) n + T
+    # Where the prompt's keys/values enter attention. At the prefill (the past is empty) they join the NEW keys, each
+    # with a placeholder query whose output is dropped: GroupQueryAttention's first-prompt mode, which takes any
+    # batch. Once a past is given they lead the past: its one-token decoding mode. (A chunk of several tokens after
+    # a past, which the runtime never sends, is its "subsequent prompt" mode, which onnxruntime runs one row at a
+    # time: a batch of several such rows is refused by onnxruntime.)
+    cut = g.const("prompt_len", np.array([n], np.int64))
+    past_len = g.op("Gather", [g.op("Shape", [spec.inputs[3]]), g.const("two", np.array([2], np.int64))], axis=0)
+    n_new = g.op("Mul", [g.op("Cast", [g.op("Equal", [past_len, zero])], to=TensorProto.INT64), cut])  # n or 0
+    queries = g.op("Add", [seq, n_new])  # (1,) S' = n_new + S
+    # One additive bias (B, 1, S', n + T): 0 where a query may see a key (causal, and the key is the prompt's or a
+    # real token), float32 min elsewhere; left padding lives here, so every row's seqlens_k is the full buffer.
+    total_s, queries_s = g.op("Squeeze", [total, zero]), g.op("Squeeze", [queries, zero])
     step = g.const("step", np.array(1, np.int64))
-    rows = g.op("Range", [g.op("Sub", [total_s, seq_s]), total_s, step])  # the new tokens' places in the buffer
+    rows = g.op("Range", [g.op("Sub", [total_s, queries_s]), total_s, step])  # the queries' places in the buffer
     cols = g.op("Range", [g.const("zero_s", np.array(0, np.int64)), total_s, step])
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, zero]), g.op("Unsqueeze", [rows, one])])  # (S, L)
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, zero]), g.op("Unsqueeze", [rows, one])])  # (S', L)
     valid = g.op("Unsqueeze", [g.op("Cast", [full_mask], to=TensorProto.BOOL), one])  # (B, 1, L)
-    visible = g.op("And", [g.op("Unsqueeze", [causal, zero]), valid])  # (B, S, L)
+    visible = g.op("And", [g.op("Unsqueeze", [causal, zero]), valid])  # (B, S', L)
     bias = g.op("Where", [visible, g.const("zero_f", np.array(0.0, np.float32)),
                           g.const("f32_min", np.array(_F32_MIN, np.float32))])
-    bias = g.op("Unsqueeze", [bias, one], hint="attention_bias")  # (B, 1, S, L)
+    bias = g.op("Unsqueeze", [bias, one], hint="attention_bias")  # (B, 1, S', L)
     total_i32 = g.op("Cast", [total_s], to=TensorProto.INT32)  # scalar
     seqlens = g.op("Expand", [g.op("Sub", [total_i32, g.const("one_i32", np.array(1, np.int32))]), batch],
-                   hint="seqlens_k")  # (B,): every row's buffer is full length; padding lives in the bias
-    # GroupQueryAttention takes new tokens after a past only one row at a time (onnxruntime: "batch_size must be 1
-    # when sequence_length > 1 and past context is given"); a prefill of several rows takes the plain path.
-    one_s = g.const("one_s", np.array(1, np.int64))
-    use_gqa = g.op("Or", [g.op("Equal", [seq_s, one_s]), g.op("Equal", [g.op("Squeeze", [batch, zero]), one_s])])
-    group = heads // kv_heads
-    bias5 = g.op("Unsqueeze", [bias, one])  # (B, 1, 1, S, L)
-    scores_shape = g.op("Concat", [g.const("s5", np.array([0, kv_heads, group, -1], np.int64)), total], axis=0)
-    probs_shape = g.op("Concat", [g.const("s4", np.array([0, kv_heads, -1], np.int64)), total], axis=0)
+                   hint="seqlens_k")  # (B,)
     rotary_pos = g.op("Add", ["position_ids", g.const("offset", np.array(offset, np.int64))])
 
     # The reference's own rotary tables (its scaling included), one row per position.
@@ -166,13 +170,14 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
     inter = int(config.intermediate_size)
     qkv_sizes = g.const("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
     mlp_sizes = g.const("mlp_sizes", np.array([inter, inter], np.int64))
-    per_row = g.op("Concat", [batch, one, one, one], axis=0)  # the prompt's keys/values, once per row
-    cut = g.const("prompt_len", np.array([n], np.int64))
+    per_row3 = g.op("Concat", [batch, one, one], axis=0)
+    per_row4 = g.op("Concat", [batch, one, one, one], axis=0)
+    axis1 = one
+    placeholder_q = g.const("placeholder_q", np.zeros((1, n, heads * head_dim), np.float32))
     end = g.const("end", np.array([np.iinfo(np.int64).max], np.int64))
     axis2 = g.const("axis2", np.array([2], np.int64))
     residual = None
     presents: list = []
-    branch_nodes: list = []
     for i in range(traced.num_layers):
         layer = f"layers.{i}."
         norm_w = g.const(f"ln_in_{i}", weight(layer + "input_layernorm.weight"))
@@ -193,19 +198,21 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
         q = g.op("RotaryEmbedding", [q, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=heads, interleaved=0)
         k = g.op("RotaryEmbedding", [k, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=kv_heads,
                  interleaved=0)
-        pasts = []
-        for kind, index in (("key", 2 * i), ("value", 2 * i + 1)):
-            prompt = g.const(f"prompt_{kind}_{i}", getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy())
-            prompt = g.op("Expand", [prompt, per_row])
-            pasts.append(g.op("Concat", [prompt, spec.inputs[3 + index]], axis=2))
-        then = g.sub()
-        fused = then.op("GroupQueryAttention", [q, k, v, pasts[0], pasts[1], seqlens, total_i32, "", "", "", bias],
-                        outputs=3, domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
-        branch_nodes += then.nodes
-        plain = _plain_attention(g.sub(), q, k, v, pasts, bias5, scores_shape, probs_shape, heads, kv_heads,
-                                 head_dim)
-        out, present_k, present_v = g.op("If", [use_gqa], outputs=3, then_branch=_branch(then, "gqa", fused),
-                                         else_branch=_branch(plain[0], "plain", plain[1]))
+        new, pasts = [], []
+        for kind, index, current in (("query", None, q), ("key", 2 * i, k), ("value", 2 * i + 1, v)):
+            if index is None:
+                lead = placeholder_q
+            else:
+                prompt = getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy()  # (1, KV, n, D)
+                lead = g.const(f"prompt_{kind}_{i}_bsd", prompt.transpose(0, 2, 1, 3).reshape(1, n, -1))
+                in_past = g.op("Slice", [g.const(f"prompt_{kind}_{i}", prompt), n_new, cut, axis2])
+                pasts.append(g.op("Concat", [g.op("Expand", [in_past, per_row4]), spec.inputs[3 + index]], axis=2))
+            lead = g.op("Expand", [g.op("Slice", [lead, zero, n_new, axis1]), per_row3])
+            new.append(g.op("Concat", [lead, current], axis=1))
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention", [*new, *pasts, seqlens, total_i32, "", "", "", bias], outputs=3, domain=MS,
+            num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
+        out = g.op("Slice", [out, n_new, end, axis1])  # the placeholder queries' outputs dropped
         for present in (present_k, present_v):
             name = spec.outputs[1 + len(presents)]
             presents.append(g.op("Slice", [present, cut, end, axis2], outputs=[name]))
@@ -238,44 +245,10 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
     model.ir_version = 8
     graph_io.save(model, path, external=external_data)
     counts: dict = {}
-    for node in g.nodes + branch_nodes:
+    for node in g.nodes:
         if node.domain == MS or node.op_type == "SimplifiedLayerNormalization":
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def _plain_attention(g: _Graph, q, k, v, pasts, bias5, scores_shape, probs_shape, heads: int, kv_heads: int,
-                     head_dim: int):
-    """Grouped attention from standard ops, any batch and length: -> (graph, [out, present_k, present_v]).
-
-    Each KV head's g query heads are stacked along the sequence axis, so keys/values are never repeated:
-    q (B, S, H*D) -> (B, KV, g*S, D); scores (B, KV, g*S, L) viewed as (B, KV, g, S, L) to add the bias."""
-    group = heads // kv_heads
-    presents = []
-    for new, past in ((k, pasts[0]), (v, pasts[1])):
-        new = g.op("Transpose", [g.op("Reshape", [new, g.const("kv_shape", np.array([0, 0, kv_heads, head_dim],
-                                                                                   np.int64))])], perm=[0, 2, 1, 3])
-        presents.append(g.op("Concat", [past, new], axis=2))  # (B, KV, L, D)
-    q = g.op("Reshape", [q, g.const("q5", np.array([0, 0, kv_heads, group, head_dim], np.int64))])
-    q = g.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # (B, KV, g, S, D)
-    q = g.op("Reshape", [q, g.const("q4", np.array([0, kv_heads, -1, head_dim], np.int64))])
-    scores = g.op("MatMul", [q, g.op("Transpose", [presents[0]], perm=[0, 1, 3, 2])])
-    scores = g.op("Mul", [scores, g.const("scale", np.array(head_dim ** -0.5, np.float32))])
-    scores = g.op("Add", [g.op("Reshape", [scores, scores_shape]), bias5])
-    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), probs_shape])
-    out = g.op("MatMul", [probs, presents[1]])  # (B, KV, g*S, D)
-    out = g.op("Reshape", [out, g.const("o5", np.array([0, kv_heads, group, -1, head_dim], np.int64))])
-    out = g.op("Transpose", [out], perm=[0, 3, 1, 2, 4])  # (B, S, KV, g, D)
-    out = g.op("Reshape", [out, g.const("o3", np.array([0, 0, heads * head_dim], np.int64))])
-    return g, [out, *presents]
-
-
-def _branch(g: _Graph, name: str, outputs: list):
-    """An ``If`` branch: its nodes, and its outputs typed float (shapes left to the node)."""
-    from onnx import TensorProto, helper
-
-    return helper.make_graph(g.nodes, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-                                                 for o in outputs])
 
 
 def _default(name: str, value: int):
