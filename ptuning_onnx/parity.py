@@ -45,8 +45,12 @@ class _Graphs:
             self.sessions[name] = session
         self.float = np.float16 if manifest["dtype"] == "fp16" else np.float32
 
+    prompt_id = 0  # multi-prompt graphs (export/multi.py): the adapter of rows whose feed has no prompt_ids
+
     def run(self, graph: str, feed: dict) -> dict:
         session = self.sessions[graph]
+        if "prompt_ids" not in feed and any(i.name == "prompt_ids" for i in session.get_inputs()):
+            feed = {**feed, "prompt_ids": np.full(len(feed["input_ids"]), self.prompt_id, np.int64)}
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(None, feed), strict=True))
 
@@ -372,25 +376,40 @@ def verify(folder: os.PathLike, *, base_model: Optional[os.PathLike] = None, ada
     folder = Path(folder)
     manifest = mf.read_manifest(folder, verify=True)
     base_model = Path(base_model or manifest["base_model"]["name_or_path"])
-    adapter = adapter or manifest.get("adapter", {}).get("path")
-    if adapter is None or not Path(adapter).is_dir() or not base_model.is_dir():
+    multi = bool(manifest.get("adapters"))  # a multi-prompt folder: its adapters' paths are in the manifest
+    if multi and adapter is not None:
+        raise ConfigError(f"{folder} holds {len(manifest['adapters'])} adapters, read from its manifest; --adapter "
+                          "goes with a single-adapter folder")
+    adapter = adapter or (manifest.get("adapter") or {}).get("path")
+    if (not multi and (adapter is None or not Path(adapter).is_dir())) or not base_model.is_dir():
         raise ConfigError(f"base model or adapter of {folder} not found; pass --base-model and --adapter")
     if mf.sha256_file(base_model / "config.json") != manifest["base_model"]["config_sha256"]:
         raise ConfigError(f"{base_model}/config.json differs from the one {folder} was exported from")
+    if multi:
+        from .parity_multi import verify_multi
+
+        return _reported(lambda: verify_multi(folder, manifest, base_model, atol=atol, device=device), report)
     ref = load_reference(base_model, adapter, parse_task(manifest["task"]))
-    try:
+
+    def check() -> dict:
         if manifest.get("quantize"):
             from .parity_quantized import check_quantized
 
             exact = (manifest.get("parity") or {}).get("fp32_exact")
-            result = check_quantized(folder, ref, manifest, device=device, exact=exact)
-        else:
-            tolerance = atol if atol is not None else default_atol(manifest["dtype"])
-            result = check_parity(folder, ref, manifest, atol=tolerance, rtol=default_rtol(manifest["dtype"]),
-                                  device=device)
+            return check_quantized(folder, ref, manifest, device=device, exact=exact)
+        tolerance = atol if atol is not None else default_atol(manifest["dtype"])
+        return check_parity(folder, ref, manifest, atol=tolerance, rtol=default_rtol(manifest["dtype"]), device=device)
+
+    return _reported(check, report)
+
+
+def _reported(check, report: Optional[os.PathLike]) -> dict:
+    """``check()``'s report, written to ``report`` when given, whether it passed or raised ``ParityError``."""
+    try:
+        result = check()
     except ParityError as exc:
         if report is not None:
-            Path(report).write_text(json.dumps(exc.report, indent=2, sort_keys=True))
+            Path(report).write_text(json.dumps(getattr(exc, "report", None), indent=2, sort_keys=True))
         raise
     if report is not None:
         Path(report).write_text(json.dumps(result, indent=2, sort_keys=True))

@@ -20,6 +20,7 @@ import torch
 
 from . import manifest as mf
 from .errors import ParityError
+from .parity import ReferenceMemo, _Graphs
 from .reference import PTuningModel
 from .runtime import generation as gen
 
@@ -91,19 +92,33 @@ def _greedy(graph: _Graph, ids, mask, prompt_ids, steps: int):
     return np.concatenate(tokens, 1), np.stack(logits, 1)
 
 
-def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float = 1e-4, seed: int = 0,
-                golden: Optional[dict] = None) -> dict:
+OUTPUT = {"causal-lm": "logits", "seq-cls": "logits", "token-cls": "logits", "feature-extraction": "last_hidden_state"}
+
+
+def _real(value: np.ndarray, mask_row: np.ndarray, task: str) -> np.ndarray:
+    """One row's graph output on its real positions ((l, ...) or, for seq-cls, as it is)."""
+    return value if task == "seq-cls" else value[mask_row == 1]
+
+
+def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float = 1e-4, rtol: float = 0.0,
+                seed: int = 0, golden: Optional[dict] = None) -> dict:
     """Verify a multi-prompt folder against ``refs`` ({adapter name: PTuningModel}, in id order); raises
-    ``ParityError`` (with ``.report``) on failure, returns the report.
+    ``ParityError`` (with ``.report``) on failure, returns the report. Bound: ``atol + rtol x`` the largest
+    |reference| of the output (tolerance.py; rtol is fp16's).
+
+    seq-cls and token-cls: the graph's logits have the largest label count; each row is compared on its adapter's
+    labels, and the columns after them must hold ``LABEL_PAD`` exactly (export/multi_heads.py).
 
     ``golden``: a dict to fill with golden.npz's arrays (the batch, each row's reference placed at its real
     positions, the negative control's, the greedy steps), for checks without torch (runtime/golden.py)."""
+    from .export.multi_heads import LABEL_PAD
+
     folder = Path(folder)
     task = manifest["task"]
-    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    output = OUTPUT[task]
     names = list(refs)
     ids_of = {name: entry["id"] for name, entry in manifest["adapters"].items()}
-    report: dict = {"passed": False, "atol": atol, "adapters": {}, "max_abs_diff": {}}
+    report: dict = {"passed": False, "atol": atol, "rtol": rtol, "adapters": {}, "max_abs_diff": {}}
     if [ids_of.get(name) for name in names] != list(range(len(names))):
         raise _failure(f"manifest adapters {ids_of} do not map {names} to ids 0..{len(names) - 1}", report)
     graph = _Graph(folder, manifest)
@@ -111,15 +126,24 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
         raise _failure(f"the graph has no prompt_ids input (inputs: {sorted(graph.inputs)})", report)
     vocab = int(manifest["model"]["vocab_size"])
     ids, mask, prompt_ids = _batch(names, vocab, manifest["model"]["padding_side"], seed)
-    got = _prefill(graph, task, ids, mask, prompt_ids)[output]
-    if got.shape[:2] != ids.shape:  # then shapes
-        raise _failure(f"{output} has shape {list(got.shape)} for input {list(ids.shape)}", report)
+    got = _prefill(graph, task, ids, mask, prompt_ids)[output].astype(np.float32)
     wanted = [_alone(refs[names[p]], ids[r][mask[r] == 1], output) for r, p in enumerate(prompt_ids)]
+    width = max(w.shape[-1] for w in wanted)
+    if got.shape[0] != ids.shape[0] or (task != "seq-cls" and got.shape[1] != ids.shape[1]) \
+            or got.shape[-1] != width:  # then shapes
+        raise _failure(f"{output} has shape {list(got.shape)} for input {list(ids.shape)} (last axis: {width})", report)
+    padding = [float(np.abs(_real(got[r], mask[r], task)[..., w.shape[-1]:] - LABEL_PAD).max(initial=0.0))
+               for r, w in enumerate(wanted)]
+    if max(padding) > 0:
+        raise _failure(f"label columns past a row's adapter's count are not {LABEL_PAD:g} (off by {max(padding):g})",
+                       report)
     if golden is not None:
         golden.update({"case0.input_ids": ids, "case0.attention_mask": mask, "case0.prompt_ids": prompt_ids,
-                       f"case0.reference.{output}": _placed(wanted, mask, got.shape)})
+                       f"case0.reference.{output}": _placed(wanted, mask, got.shape, task)})
+    scales = {output: max(float(np.abs(w).max()) for w in wanted)}
     for row, prompt in enumerate(prompt_ids):  # then values, per adapter
-        diff = float(np.abs(got[row][mask[row] == 1] - wanted[row]).max())
+        want = wanted[row]
+        diff = float(np.abs(_real(got[row], mask[row], task)[..., :want.shape[-1]] - want).max())
         entry = report["adapters"].setdefault(names[prompt], {"rows": 0, "max_abs_diff": {}})
         entry["rows"] += 1
         entry["max_abs_diff"][output] = max(entry["max_abs_diff"].get(output, 0.0), diff)
@@ -134,21 +158,25 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
                                                                   return_logits=True)
             equal &= bool(np.array_equal(tokens[row], want_tokens[0].numpy()))
             want_all.append((want_tokens[0].numpy(), want_logits[0].float().numpy()))
-            diff = float(np.abs(logits[row] - want_logits[0].float().numpy()).max())
+            diff = float(np.abs(logits[row].astype(np.float32) - want_logits[0].float().numpy()).max())
             entry = report["adapters"][names[prompt]]["max_abs_diff"]
             entry["greedy_logits"] = max(entry.get("greedy_logits", 0.0), diff)
         report["greedy_steps"], report["greedy_tokens_equal"] = GREEDY_STEPS, equal
+        scales["greedy_logits"] = max(float(np.abs(lg).max()) for _, lg in want_all)
         if golden is not None:
             golden.update({"greedy.input_ids": ids, "greedy.attention_mask": mask, "greedy.prompt_ids": prompt_ids,
                            "greedy.tokens": np.stack([t for t, _ in want_all]).astype(np.int64),
                            "greedy.reference.logits": np.stack([lg for _, lg in want_all]).astype(np.float32)})
         report["max_abs_diff"]["greedy_logits"] = max(e["max_abs_diff"]["greedy_logits"]
                                                       for e in report["adapters"].values())
+    report["scales"] = scales
+    report["tolerance"] = {k: atol + rtol * scales[k] for k in report["max_abs_diff"]}
     report["negative_control"] = _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids,
-                                                   wanted, atol, golden)
-    worst = max(report["max_abs_diff"].values())
-    if worst > atol or not report.get("greedy_tokens_equal", True):
-        raise _failure(f"a multi-prompt row differs from its adapter alone: max abs diff {worst:.3g} (atol {atol:g})"
+                                                   wanted, report["tolerance"][output], golden)
+    over = {k: v for k, v in report["max_abs_diff"].items() if v > report["tolerance"][k]}
+    if over or not report.get("greedy_tokens_equal", True):
+        worst = ", ".join(f"{k}={v:.3g} (bound {report['tolerance'][k]:.3g})" for k, v in over.items())
+        raise _failure(f"a multi-prompt row differs from its adapter alone: max abs diff {worst or 'within bounds'}"
                        + ("" if report.get("greedy_tokens_equal", True) else "; greedy tokens differ"), report)
     if not report["negative_control"]["failed_as_expected"]:
         raise _failure("negative control passed: rows given the wrong prompt still match their adapter, so the "
@@ -157,15 +185,26 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
     return report
 
 
-def _placed(rows: list, mask: np.ndarray, shape) -> np.ndarray:
-    """Per-row outputs of the real positions (l_r, ...) placed into a (B, L, ...) float32 array (zeros on pads)."""
+def _placed(rows: list, mask: np.ndarray, shape, task: str) -> np.ndarray:
+    """Per-row outputs of the real positions ((l_r, ...) or, seq-cls, (labels_r,)) placed into a float32 array of
+    the graph's ``shape``: zeros on pad positions, ``LABEL_PAD`` in label columns past the row's adapter's count
+    (what the graph holds there)."""
+    from .export.multi_heads import LABEL_PAD
+
     out = np.zeros(shape, np.float32)
     for r, value in enumerate(rows):
-        out[r][mask[r] == 1] = value
+        width = value.shape[-1]
+        target = out[r] if task == "seq-cls" else out[r][mask[r] == 1]
+        target[..., :width] = value
+        target[..., width:] = LABEL_PAD
+        if task == "seq-cls":
+            out[r] = target
+        else:
+            out[r][mask[r] == 1] = target
     return out
 
 
-def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, wanted, atol, golden) -> dict:
+def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, wanted, bound, golden) -> dict:
     """Every row with ANOTHER adapter's id must miss its own adapter's reference. With a single adapter there is
     no other id: its rows are measured against a perturbed prompt's reference instead.
 
@@ -173,25 +212,136 @@ def _negative_control(graph, task, output, refs, names, ids, mask, prompt_ids, w
     with its own id must miss the reference of the next adapter (or of the perturbed prompt) on that row."""
     if len(names) > 1:
         wrong = (prompt_ids + 1) % len(names)
-        got = _prefill(graph, task, ids, mask, wrong)[output]
+        got = _prefill(graph, task, ids, mask, wrong)[output].astype(np.float32)
         if golden is not None:
             other = [_alone(refs[names[p]], ids[r][mask[r] == 1], output) for r, p in enumerate(wrong)]
-            golden[f"case0.control.{output}"] = _placed(other, mask, got.shape)
+            golden[f"case0.control.{output}"] = _placed(other, mask, got.shape, task)
         how = "each row given the next adapter's prompt id"
     else:
         from .parity import perturbed
 
-        got = _prefill(graph, task, ids, mask, prompt_ids)[output]
+        got = _prefill(graph, task, ids, mask, prompt_ids)[output].astype(np.float32)
         control = perturbed(refs[names[0]])
         wanted = [_alone(control, ids[r][mask[r] == 1], output) for r in range(len(ids))]
         if golden is not None:
-            golden[f"case0.control.{output}"] = _placed(wanted, mask, got.shape)
+            golden[f"case0.control.{output}"] = _placed(wanted, mask, got.shape, task)
         how = "rows measured against a perturbed prompt's reference (one adapter: no other id)"
-    diffs = [float(np.abs(got[r][mask[r] == 1] - wanted[r]).max()) for r in range(len(ids))]
-    return {"how": how, "min_row_max_abs_diff": min(diffs), "failed_as_expected": min(diffs) > atol}
+    diffs = [float(np.abs(_real(got[r], mask[r], task)[..., :wanted[r].shape[-1]] - wanted[r]).max())
+             for r in range(len(ids))]
+    return {"how": how, "min_row_max_abs_diff": min(diffs), "failed_as_expected": min(diffs) > bound}
 
 
 def _failure(message: str, report: dict) -> ParityError:
     exc = ParityError(message)
     exc.report = report
     return exc
+
+
+class _AdapterGraphs(_Graphs):
+    """A multi-prompt folder's graphs seen as adapter ``prompt_id``'s single export: every row takes that prompt,
+    and seq-cls/token-cls logits are cut to its ``labels`` (the graph pads them to the largest count)."""
+
+    def __init__(self, folder: Path, manifest: dict, device: str, prompt_id: int, labels: Optional[int]):
+        super().__init__(folder, manifest, device)
+        self.prompt_id, self.labels = prompt_id, labels
+
+    def run(self, graph: str, feed: dict) -> dict:
+        out = super().run(graph, feed)
+        if self.labels is not None:
+            out["logits"] = out["logits"][..., :self.labels]
+        return out
+
+
+def check_quantized_multi(folder: os.PathLike, refs: dict, manifest: dict, *, device: str = "cpu",
+                          exact: Optional[dict] = None):
+    """The quantized gate (parity_quantized.py) per adapter: adapter k's rows (all given id k) against adapter k's
+    reference, with k's own perturbed-prompt control. Returns (report, memo): the report has each adapter's under
+    ``adapters`` and, per output, the worst relative error; the memo holds every adapter's cases stacked along the
+    batch in id order (labels padded with ``LABEL_PAD``), for golden.npz (export/golden.py, ``adapters=K``).
+    Raises ``ParityError`` naming the adapter that failed."""
+    from .parity_quantized import check_quantized
+
+    folder = Path(folder)
+    names = list(refs)
+    labels = {name: (entry.get("num_labels") if manifest["task"] in ("seq-cls", "token-cls") else None)
+              for name, entry in manifest["adapters"].items()}
+    reports, memos = {}, []
+    for k, name in enumerate(names):
+        memo = ReferenceMemo()  # one per adapter: the inputs are the same, the references are not
+        graphs = _AdapterGraphs(folder, manifest, device, k, labels[name])
+        try:
+            reports[name] = check_quantized(folder, refs[name], manifest, device=device, memo=memo, graphs=graphs)
+        except ParityError as exc:
+            exc.args = (f"adapter {name!r}: {exc.args[0]}",)
+            raise
+        memos.append(memo)
+    worst = {}
+    for report in reports.values():
+        for key, value in report["relative_error"].items():
+            worst[key] = max(worst.get(key, 0.0), value)
+    control = {key: min(r["negative_control"]["relative_error"][key] for r in reports.values()) for key in worst}
+    report = {"gate": "quantized", "quantize": manifest.get("quantize"), "passed": True, "device": device,
+              "rel_limit": next(iter(reports.values()))["rel_limit"], "relative_error": worst,
+              "negative_control": {"relative_error": control, "failed_as_expected": True},
+              "adapters": reports, "fp32_exact": exact,
+              "greedy_steps": next(iter(reports.values())).get("greedy_steps")}
+    return report, _stacked(memos)
+
+
+def _stacked(memos: list):
+    """One ReferenceMemo whose entries are the adapters' (same inputs, in the same order) stacked along the batch."""
+    from .export.multi_heads import LABEL_PAD
+
+    def cat(values: list) -> np.ndarray:
+        width = max(v.shape[-1] for v in values)
+        pad = [np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - v.shape[-1])], constant_values=LABEL_PAD)
+               for v in values]
+        return np.concatenate(pad, 0)
+
+    out = ReferenceMemo()
+    per = [m.entries("reference", "case") for m in memos]
+    for cases in zip(*per, strict=True):
+        arrays = [np.concatenate(parts, 0) for parts in zip(*(a for a, _ in cases), strict=True)]
+        first = cases[0][0]
+        controls = [m.lookup("control", "case", first) for m in memos]
+        for role, outs in (("reference", [o for _, o in cases]), ("control", controls)):
+            if any(o is None for o in outs):
+                continue
+            merged = {name: cat([o[name] for o in outs]) for name in outs[0] if name != "present"}
+            out.get(role, "case", arrays, lambda merged=merged: merged)
+    greedy = [m.entries("reference", "greedy") for m in memos]
+    if all(greedy):
+        (ids, mask), _ = greedy[0][0]
+        tokens = np.concatenate([g[0][1][0] for g in greedy], 0)
+        logits = np.concatenate([g[0][1][1] for g in greedy], 0)
+        stacked = [np.concatenate([ids] * len(memos), 0), np.concatenate([mask] * len(memos), 0)]
+        out.get("reference", "greedy", stacked, lambda: (tokens, logits))
+        forced = [m.lookup("control", "forced", [ids, mask, g[0][1][0]]) for m, g in zip(memos, greedy, strict=True)]
+        if all(f is not None for f in forced):
+            out.get("control", "forced", [*stacked, tokens], lambda: np.concatenate(forced, 0))
+    return out
+
+
+def verify_multi(folder: os.PathLike, manifest: dict, base_model: os.PathLike, *, atol: Optional[float] = None,
+                 device: str = "cpu") -> dict:
+    """Re-run a multi-prompt folder's parity against PyTorch (``ptuning-verify --reference``): its adapters from the
+    paths its manifest recorded, by the gate its export used (exact for fp32/fp16, quantized per adapter)."""
+    from .errors import ConfigError
+    from .export.multi import load_references
+    from .tolerance import default_atol, default_rtol
+
+    if device != "cpu":
+        raise ConfigError(f"--device {device}: a multi-prompt folder's reference check runs on the CPU; on a GPU "
+                          "host run ptuning-verify DIR --provider cuda (golden.npz)")
+    entries = sorted(manifest["adapters"].items(), key=lambda item: item[1]["id"])
+    paths = {name: Path(entry["path"]) for name, entry in entries}
+    missing = [f"{name} ({path})" for name, path in paths.items() if not path.is_dir()]
+    if missing:
+        raise ConfigError(f"adapter folders of {folder} not found: {', '.join(missing)}")
+    refs, _ = load_references(base_model, paths, manifest["task"])
+    if manifest.get("quantize"):
+        exact = (manifest.get("parity") or {}).get("fp32_exact")
+        return check_quantized_multi(folder, refs, manifest, device=device, exact=exact)[0]
+    dtype = manifest.get("dtype", "fp32")
+    return check_multi(folder, refs, manifest, atol=default_atol(dtype) if atol is None else atol,
+                       rtol=default_rtol(dtype))

@@ -65,15 +65,16 @@ def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
 
 def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = "cpu", seed: int = 0,
                     rel_limit: float = REL_LIMIT, exact: Optional[dict] = None,
-                    memo: Optional[ReferenceMemo] = None) -> dict:
+                    memo: Optional[ReferenceMemo] = None, graphs: Optional[_Graphs] = None) -> dict:
     """Gate a quantized folder; return the report, or raise ``ParityError`` (with ``.report``).
 
     ``exact``: the fp32 graph's exact parity report from before quantization, kept in this report. ``memo``: the
-    reference outputs the exact gate computed on the same inputs, reused."""
+    reference outputs the exact gate computed on the same inputs, reused. ``graphs``: the folder's sessions, when
+    the caller made them (a multi-prompt folder seen as one adapter's, parity_multi.py)."""
     from pathlib import Path
 
     ref = ref.eval()
-    graphs = _Graphs(Path(folder), manifest, device)
+    graphs = graphs if graphs is not None else _Graphs(Path(folder), manifest, device)
     task = ref.task
     report = {"gate": "quantized", "quantize": manifest.get("quantize"), "rel_limit": rel_limit, "device": device,
               "seed": seed, "batches": list(BATCHES), "lengths": list(LENGTHS), "fp32_exact": exact}

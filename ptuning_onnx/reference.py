@@ -217,8 +217,14 @@ class PTuningModel(nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 decoder_input_ids: Optional[torch.Tensor] = None,
                 decoder_attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
-        n = self.n
         kwargs = self.extend_inputs(input_ids, attention_mask, token_type_ids)
+        return self.task_forward(kwargs, self.n, labels, decoder_input_ids, decoder_attention_mask)
+
+    def task_forward(self, kwargs: dict, n: int, labels: Optional[torch.Tensor] = None,
+                     decoder_input_ids: Optional[torch.Tensor] = None,
+                     decoder_attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+        """The base on prefill ``kwargs`` whose first ``n`` positions are virtual (``extend_inputs``'s, or a
+        multi-prompt graph's padded ones), with the task's head and outputs cut to the user's positions."""
         if self.task == TaskType.CAUSAL_LM:
             if labels is not None:
                 pad = torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device)

@@ -108,6 +108,31 @@ def exports(peft_adapters, tmp_path_factory):
     return out
 
 
+def rotated_golden_fails(folder, tmp_path, adapters: int) -> None:
+    """golden.npz with every row's prompt id moved to the next adapter (rehashed) must fail verify_golden."""
+    import shutil
+
+    import numpy as np
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx.runtime.golden import GoldenMismatchError, verify_golden
+
+    copy = tmp_path / "rotated"
+    shutil.copytree(folder, copy)
+    with np.load(copy / "golden.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    rotated = [k for k in arrays if k.endswith("prompt_ids")]
+    assert rotated
+    for name in rotated:
+        arrays[name] = (arrays[name] + 1) % adapters
+    np.savez(copy / "golden.npz", **arrays)
+    manifest = mf.read_manifest(copy, verify=False)
+    manifest["files"]["golden.npz"] = mf.sha256_file(copy / "golden.npz")
+    mf.write_manifest(copy, manifest)
+    with pytest.raises(GoldenMismatchError, match="differ from golden.npz"):
+        verify_golden(copy)
+
+
 def reference_vs_peft(peft_model, ref, vocab: int, *, seq2seq: bool, slice_peft: bool, token_types: bool = False):
     """(ours, PEFT's) outputs on the same random unpadded batch; PEFT's virtual positions sliced off when
     ``slice_peft`` (PEFT leaves them in for per-position outputs)."""

@@ -100,3 +100,71 @@ def test_a_single_prompt_folder_refuses_an_adapter(exports):
         assert answer.status_code == 400 and "single-adapter export" in answer.json()["error"]["message"]
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory):
+    """seq-cls and token-cls multi-prompt folders (2 and 3 labels) behind real servers, and runtime oracles."""
+    from conftest import make_peft_adapter
+    from ptuning_onnx.export.multi import export_multi
+
+    root = tmp_path_factory.mktemp("serve-multi-cls")
+    out = {}
+    for task, peft_task, auto in (("seq-cls", "SEQ_CLS", "AutoModelForSequenceClassification"),
+                                  ("token-cls", "TOKEN_CLS", "AutoModelForTokenClassification")):
+        adapters = {}
+        for name, (encoder, n, seed, labels) in {"sentiment": ("MLP", 5, 0, 2), "topic": ("LSTM", 3, 1, 3)}.items():
+            make_peft_adapter(root / task / name, MODELS / "bert", peft_task, auto, encoder=encoder,
+                              num_virtual_tokens=n, seed=seed, num_labels=labels)
+            adapters[name] = root / task / name
+        folder = export_multi(MODELS / "bert", adapters, root / task / "multi", progress=False).path
+        out[task] = (Server(folder, "--max-batch-size", "8", "--max-wait-ms", "200"),
+                     rt.load(folder, provider="cpu", threads=1))
+    try:
+        for server, _ in out.values():
+            server.wait()
+        yield out
+    finally:
+        for server, _ in out.values():
+            server.stop()
+
+
+def test_classify_and_tag_take_an_adapter_per_request(classifiers):
+    """Requests of both adapters at once (batched together): each answer has its adapter's labels and equals the
+    runtime's for that adapter; the other adapter's answer differs (negative control); unknown names are 400s."""
+    server, oracle = classifiers["seq-cls"]
+    texts = ["a good film", "bad", "the plot was thin", "fine"]
+    names = ["sentiment", "topic", "topic", "sentiment"]
+    bodies = [{"texts": [t], "adapter": n} for t, n in zip(texts, names, strict=True)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{server.url}/v1/classify", json=b, timeout=60), bodies))
+    for text, name, answer in zip(texts, names, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        got = answer.json()["results"][0]
+        want = oracle.classify(text, adapter=name)
+        other = oracle.classify(text, adapter="topic" if name == "sentiment" else "sentiment")
+        assert len(got["logits"]) == {"sentiment": 2, "topic": 3}[name] and got["label"] == want["label"]
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-5)
+        assert len(other["logits"]) != len(got["logits"])
+    info = httpx.get(f"{server.url}/v1/model", timeout=10).json()
+    assert info["adapter_labels"] == {"sentiment": ["LABEL_0", "LABEL_1"], "topic": ["LABEL_0", "LABEL_1", "LABEL_2"]}
+    assert info["labels"] is None  # no labels shared by every adapter
+    bad = httpx.post(f"{server.url}/v1/classify", json={"texts": ["x"], "adapter": "nope"}, timeout=10)
+    assert bad.status_code == 400 and "sentiment, topic" in bad.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/v1/classify", json={"texts": ["x"]}, timeout=10).status_code == 400
+
+    server, oracle = classifiers["token-cls"]
+    for name, other in (("topic", "sentiment"), ("sentiment", "topic")):
+        answer = httpx.post(f"{server.url}/v1/tag", json={"texts": texts[:2], "adapter": name}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        want = oracle.tag(texts[:2], adapter=name)
+        got = answer.json()["results"]
+        assert [[(w["word"], w["label"]) for w in row] for row in got] == \
+            [[(w["word"], w["label"]) for w in row] for row in want]
+        np.testing.assert_allclose([w["score"] for row in got for w in row],
+                                   [w["score"] for row in want for w in row], atol=1e-5)
+        wrong = oracle.tag(texts[:2], adapter=other)
+        assert not np.allclose([w["score"] for row in got for w in row],
+                               [w["score"] for row in wrong for w in row], atol=1e-3)
+    bad = httpx.post(f"{server.url}/v1/tag", json={"texts": ["x"], "adapter": "nope"}, timeout=10)
+    assert bad.status_code == 400 and "sentiment, topic" in bad.json()["error"]["message"]

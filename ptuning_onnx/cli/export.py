@@ -99,13 +99,8 @@ def _export_multi(args):
     from ..export.multi import export_multi, parse_adapter_specs
 
     adapters = parse_adapter_specs(args.adapter)
-    unsupported = [flag for flag, given in (("--dtype fp16", args.dtype != "fp32"), ("--quantize", args.quantize),
-                                            ("--optimize", args.optimize), ("--device cuda", args.device != "cpu"))
-                   if given]
-    if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)}: not supported for a multi-prompt export (several --adapter) "
-                          "yet; it is written in fp32 and verified on the CPU")
-    return export_multi(args.base_model, adapters, args.output, task=args.task, opset=args.opset, atol=args.atol,
+    return export_multi(args.base_model, adapters, args.output, task=args.task, opset=args.opset, dtype=args.dtype,
+                        device=args.device, optimize=args.optimize, quantize=args.quantize, atol=args.atol,
                         skip_verify=args.skip_verify, overwrite=args.overwrite, progress=not args.quiet,
                         exporter=args.exporter, external_data=True if args.external_data else None)
 

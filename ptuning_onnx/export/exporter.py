@@ -28,10 +28,9 @@ from ..reference import PTuningModel, apply_head_weights, head_modules, load_bas
 from . import _optimum, graph_io
 from .genai import write_genai_config
 from .golden import write_golden
+from .passes import DTYPES, QUANTIZE, apply_passes, check_options  # noqa: F401  (DTYPES, QUANTIZE re-exported)
 from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
 
-DTYPES = ("fp32", "fp16")
-QUANTIZE = (None, "int8", "int4")
 
 
 @dataclass
@@ -119,24 +118,8 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     from ..parity import ReferenceMemo, check_parity, default_atol, default_rtol
 
     output = _check_output(output, overwrite)
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; expected cpu or cuda")
-    if device == "cuda" and not skip_verify:
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ConfigError(f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider; "
-                              "install onnxruntime-gpu (in place of onnxruntime) or verify with --device cpu")
-    if quantize not in QUANTIZE:
-        raise ConfigError(f"unknown quantization {quantize!r}; expected one of: {', '.join(QUANTIZE[1:])}")
-    if dtype == "fp16" and quantize:
-        raise ConfigError(f"--quantize {quantize} works on fp32 graphs; drop --dtype fp16")
-    if external_data not in (None, True, False):
-        raise ConfigError(f"external_data must be None, True or False, got {external_data!r}")
-    if not isinstance(opset, int) or not 14 <= opset <= 21:
-        raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
+    check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
+                  skip_verify=skip_verify)
     route = _resolve_route(exporter)
     log = Progress(progress)
     with log.step("loading base model and adapter"):
@@ -148,35 +131,17 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     try:
         with log.step(f"exporting {TASK_TO_CLI[task]} graphs (opset {opset}, {route})"):
             graphs = _export_graphs(ref, tmp, opset, route, external_data)
-        optimization = None
-        if optimize:
-            with log.step("fusing graphs (onnxruntime's transformer fusions), timing fused against unfused"):
-                from .fusion import fuse
-
-                optimization = fuse(tmp, [spec.name for spec in graphs], ref.base.config, task,
-                                    external_data=external_data, ref=ref)
-        if dtype == "fp16":
-            with log.step("converting graphs to fp16"):
-                from .fp16 import to_fp16
-
-                for spec in graphs:
-                    to_fp16(tmp / f"{spec.name}.onnx", external_data)
-        exact = None
         memo = ReferenceMemo()  # the exact gate, the quantized gate and golden.npz share the reference's outputs
-        if quantize and not skip_verify:
-            # A quantized graph cannot be held to 1e-4; the graph it is made from can, and that is where a wrong
-            # prompt, wrong positions or a dropped virtual token are caught whatever the size of their effect.
+
+        def exact_fp32(optimization):
             fp32 = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    None, optimization, route)
-            with log.step(f"verifying the fp32 graph against PyTorch before quantizing (atol {default_atol():g})"):
-                exact = _verified(lambda: check_parity(tmp, ref, fp32, atol=default_atol(), device=device,
-                                                        memo=memo), output)
-        if quantize:
-            with log.step(f"quantizing graphs to {quantize}"):
-                from .optimize import quantize_graph
+            return _verified(lambda: check_parity(tmp, ref, fp32, atol=default_atol(), device=device, memo=memo),
+                             output)
 
-                for spec in graphs:
-                    quantize_graph(tmp / f"{spec.name}.onnx", quantize, external_data=external_data)
+        optimization, exact = apply_passes(tmp, graphs, ref.base.config, task, log, optimize=optimize, dtype=dtype,
+                                           quantize=quantize, external_data=external_data,
+                                           exact_fp32=None if skip_verify else exact_fp32, ref=ref)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimization, route)

@@ -30,12 +30,16 @@ RECIPES = {
 REPEATS = 5
 
 
-def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bool] = None, ref=None) -> dict:
+def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bool] = None, ref=None,
+         raw_attention_mask: bool = False) -> dict:
     """Fuse each graph in ``folder`` (names in ``graphs``), time fused against unfused, keep the faster.
 
     A Llama-family causal LM (``ref`` given) is fused by writing its graph anew (build_llama.py) instead of by
-    onnxruntime's pattern matching, which finds little in a traced decoder. Returns the manifest's
-    ``optimization`` entry."""
+    onnxruntime's pattern matching, which finds little in a traced decoder. ``raw_attention_mask``: fused attention
+    keeps the 2-D mask. The BERT recipe otherwise turns it into one end index per row, which assumes every masked
+    position comes after the real ones: true of a right-padded single export, false of a multi-prompt graph, whose
+    shorter prompts leave masked slots BEFORE the user's tokens (measured: 4.8e-3 off on the tiny BERT). Returns the
+    manifest's ``optimization`` entry."""
     from ..config import TaskType
 
     model_type = getattr(config, "model_type", None)
@@ -54,7 +58,8 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
     heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if getattr(config, k, 0)), 0)
     hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if getattr(config, k, 0)), 0)
     entry = _keep_faster(folder, graphs, config, task, external_data, recipe,
-                         lambda path, candidate: _fuse_one(path, candidate, recipe, heads, hidden, external_data))
+                         lambda path, candidate: _fuse_one(path, candidate, recipe, heads, hidden, external_data,
+                                                           raw_attention_mask))
     if why_not:
         entry["builder"] = f"not built: {why_not}"
     return entry
@@ -95,17 +100,24 @@ def _keep_faster(folder: Path, graphs: list, config, task, external_data, recipe
             "workload": WORKLOAD_TEXT.get(task.value, "")}
 
 
-def _fuse_one(path: Path, candidate: Path, recipe: str, heads: int, hidden: int, external_data) -> dict:
+def _fuse_one(path: Path, candidate: Path, recipe: str, heads: int, hidden: int, external_data,
+              raw_attention_mask: bool = False) -> dict:
     import logging
 
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(recipe)
+    if raw_attention_mask:
+        options.use_raw_attention_mask(True)
 
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         # opt_level 0: the Python fusions only; onnxruntime's own graph passes run when a session loads it.
-        model = optimize_model(str(path), model_type=recipe, num_heads=heads, hidden_size=hidden, opt_level=0)
+        model = optimize_model(str(path), model_type=recipe, num_heads=heads, hidden_size=hidden, opt_level=0,
+                               optimization_options=options)
     except Exception as exc:
         raise ExportError(f"onnxruntime's {recipe} fusions failed on {path.name}: {type(exc).__name__}: {exc}") from exc
     finally:

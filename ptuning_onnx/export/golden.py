@@ -27,12 +27,15 @@ FULL_VOCAB_UP_TO = 4096
 RANDOM_COLUMNS, TOP_COLUMNS = 1024, 4
 
 
-def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -> Optional[dict]:
+def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict,
+                 adapters: Optional[int] = None) -> Optional[dict]:
     """Write ``folder/golden.npz``; return the manifest's ``golden`` entry (None when the memo is empty).
 
     ``task``: the CLI task name (``causal-lm``, ...). ``report``: the gate's report, for its tolerance. The exact
     gate's golden has every case it compared; the quantized gate's has the cases it compared (those with a
     perturbed-prompt control), with the control's outputs, so that the relative error can be computed again.
+    ``adapters``: K for a multi-prompt folder whose memo stacks the K adapters' rows along the batch, in id order
+    (parity_multi.check_quantized_multi); each case then gets ``prompt_ids``.
     """
     quantized = report.get("gate") == "quantized"
     cases = []
@@ -46,6 +49,8 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -
     out: dict = {}
     for i, (arrays, want, control) in enumerate(cases):
         out[f"case{i}.input_ids"], out[f"case{i}.attention_mask"] = arrays[0], arrays[1]
+        if adapters:
+            out[f"case{i}.prompt_ids"] = _stacked_ids(adapters, len(arrays[0]))
         if task == "seq2seq-lm":
             out[f"case{i}.decoder_input_ids"] = arrays[2]
         # (token_type_ids, for models that have them, are zeros: the runtime makes them.) The KV cache ("present")
@@ -60,6 +65,8 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -
         (ids, mask), (tokens, logits) = greedy[0]
         out.update({"greedy.input_ids": ids, "greedy.attention_mask": mask, "greedy.tokens": tokens,
                     "greedy.reference.logits": np.asarray(logits, np.float32)})
+        if adapters:
+            out["greedy.prompt_ids"] = _stacked_ids(adapters, len(ids))
         forced = memo.lookup("control", "forced", [ids, mask, tokens])
         if quantized and forced is not None:
             out["greedy.control.logits"] = np.asarray(forced, np.float32)
@@ -80,6 +87,11 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict) -
         if "logits.columns" in out:
             entry["scales"] = scales
     return entry
+
+
+def _stacked_ids(adapters: int, rows: int) -> np.ndarray:
+    """(rows,) int64: K equal blocks of rows, adapter 0's first."""
+    return np.repeat(np.arange(adapters, dtype=np.int64), rows // adapters)
 
 
 def _logit_scales(out: dict) -> dict:

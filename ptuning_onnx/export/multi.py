@@ -8,8 +8,10 @@ prompt at 0..n_k-1 and the row's first real token at n_k.
 
 - causal-lm: each adapter's prompt keys/values are computed once here, as in the single export (wrappers.py),
   and stacked to (K, kv_heads, N, head_dim) per layer; the graph gathers a row's with ``prompt_ids``.
-- feature-extraction: the prompt tables (K, N, hidden) are gathered and prepended to the embeddings.
-- seq-cls and token-cls adapters each carry their own trained head, and seq2seq-lm is not done yet: refused.
+- feature-extraction, seq-cls and token-cls: the prompt tables (K, N, hidden) are gathered and prepended to the
+  embeddings; seq-cls and token-cls then apply every adapter's own trained head and keep each row's
+  (multi_heads.py), logits padded to the largest label count.
+- seq2seq-lm is not done yet: refused.
 
 Every adapter must be for the same task and the same base model (its recorded base's config.json, where that
 folder exists, must hash like the given base's); a mismatch is refused naming the adapter.
@@ -17,6 +19,7 @@ folder exists, must hash like the given base's); a mismatch is refused naming th
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -30,18 +33,21 @@ from .. import manifest as mf
 from .._fs import temp_beside
 from ..adapter import load_adapter
 from ..config import TASK_TO_CLI, TaskType, parse_task
-from ..errors import ConfigError, PtuningError
+from ..errors import ConfigError, ExportError, PtuningError
 from ..reference import PTuningModel
 from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
+from .passes import apply_passes, check_options
 from .genai import write_genai_config
-from .wrappers import (CausalLMGraph, GraphSpec, _cache, _layers, causal_example,
+from .multi_heads import RowHeads, head_paths, label_info, with_modules
+from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, _layers, causal_example,
                        causal_spec)
 
 PROMPT_IDS = "prompt_ids"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION)
+MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
+HEADED = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 
 
 def parse_adapter_specs(specs: list) -> dict:
@@ -85,7 +91,7 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
     if tasks[first] not in MULTI_TASKS:
         raise ConfigError(f"several adapters in one export: supported for "
                           f"{', '.join(TASK_TO_CLI[t] for t in MULTI_TASKS)}, not {TASK_TO_CLI[tasks[first]]} "
-                          "(seq-cls and token-cls adapters each carry their own head); export them one by one")
+                          "; export them one by one")
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base model folder {base_dir} has no config.json")
     base_sha = mf.sha256_file(base_dir / "config.json")
@@ -96,21 +102,43 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
             raise ConfigError(f"adapter {name!r} was trained on {recorded}, whose config.json differs from "
                               f"--base-model {base_dir}'s (sha256 {mf.sha256_file(config)[:12]}... != "
                               f"{base_sha[:12]}...); every adapter must share the base model")
-    refs = {first: load_reference(base_dir, loaded[first], tasks[first])}
+    refs = {first: _named(first, load_reference, base_dir, loaded[first], tasks[first])}
     base = refs[first].base
     width = int(refs[first].table.shape[1])
+    heads = head_paths(base, list(loaded.values()))
     for name, adapter in loaded.items():
         if name == first:
             continue
         if adapter.prompt_embeddings.shape[1] != width:
             raise ConfigError(f"adapter {name!r} has token_dim {adapter.prompt_embeddings.shape[1]} but the base "
                               f"model's hidden size is {width}; every adapter must share the base model")
-        refs[name] = PTuningModel(base, adapter.prompt().to(base.dtype), tasks[first]).eval()
+        own = base
+        if tasks[first] in HEADED:
+            # Its own head (labels read from the adapter, as a single export does), grafted onto the shared body.
+            alone = _named(name, load_reference, base_dir, adapter, tasks[first]).base
+            own = with_modules(base, {path: alone.get_submodule(path) for path in heads}, config=alone.config)
+            # The grafted model must BE the adapter's single reference, weight for weight: parity compares against
+            # it, so a head left shared would pass unseen.
+            mine, theirs = own.state_dict(), alone.state_dict()
+            differ = [k for k, v in theirs.items() if k not in mine or mine[k].shape != v.shape
+                      or not torch.equal(mine[k], v)]
+            if differ:
+                raise ExportError(f"adapter {name!r}: on the shared body it differs from its own reference in "
+                                  f"{', '.join(differ[:4])}; its head modules were not all found")
+        refs[name] = PTuningModel(own, adapter.prompt().to(base.dtype), tasks[first]).eval()
     lengths = {name: ref.n for name, ref in refs.items()}
     if len(set(lengths.values())) > 1 and not refs[first]._takes_positions:
         raise ConfigError(f"'{base.config.model_type}' takes no explicit positions, so prompts of different lengths "
                           f"({lengths}) cannot share a graph exactly; give every adapter the same num_virtual_tokens")
     return refs, loaded
+
+
+def _named(name: str, load, *args):
+    """``load(*args)``, its ConfigError naming the adapter it was about."""
+    try:
+        return load(*args)
+    except ConfigError as exc:
+        raise ConfigError(f"adapter {name!r}: {exc}") from None
 
 
 def _padded(tables: list, length: int, axis: int) -> torch.Tensor:
@@ -181,16 +209,21 @@ class MultiCausalLMGraph(nn.Module):
 
 
 class MultiEncoderGraph(nn.Module):
-    """feature-extraction with K prompt tables, one picked per row by ``prompt_ids``.
+    """feature-extraction, seq-cls, token-cls with K prompt tables, one picked per row by ``prompt_ids``.
 
     Inputs: input_ids (B, S), attention_mask (B, S) [, token_type_ids (B, S)], prompt_ids (B,).
-    Output: last_hidden_state (B, S, D), user positions only.
+    Output: last_hidden_state (B, S, D) | logits (B, L) | logits (B, S, L), user positions only; L is the largest
+    label count, each row's adapter's labels first and ``LABEL_PAD`` after (multi_heads.py).
     """
 
     def __init__(self, refs: list, extra_inputs: list):
         super().__init__()
         first = refs[0]
         self.base, self.extra = first.base, list(extra_inputs)
+        self.output = EncoderTaskGraph.OUTPUT[first.task.value]
+        # seq-cls, token-cls: the body once, then every adapter's head, each row keeping its own (multi_heads.py).
+        self.row_heads = RowHeads(refs) if first.task in HEADED else None
+        self.task_ref = self.row_heads.ref if self.row_heads else first
         self.n = max(ref.n for ref in refs)
         self.takes_positions, self.offset = first._takes_positions, first.position_offset
         self.register_buffer("tables", _padded([ref.prompt_embeds(1)[0] for ref in refs], self.n, 0))  # (K, N, D)
@@ -201,8 +234,8 @@ class MultiEncoderGraph(nn.Module):
         names = ["input_ids", "attention_mask", *self.extra, PROMPT_IDS]
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
         axes[PROMPT_IDS] = {0: "batch"}
-        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
-        return GraphSpec("model", names, ["last_hidden_state"], axes)
+        axes[self.output] = {0: "batch"} if self.task_ref.task == TaskType.SEQ_CLS else {0: "batch", 1: "sequence"}
+        return GraphSpec("model", names, [self.output], axes)
 
     def example(self, batch=2, seq=5):
         vocab = self.base.get_input_embeddings().weight.shape[0]
@@ -210,8 +243,10 @@ class MultiEncoderGraph(nn.Module):
         return (ids, torch.ones_like(ids), *[torch.zeros_like(ids) for _ in self.extra],
                 torch.arange(batch) % self.prompt_mask.shape[0])
 
-    def forward(self, input_ids, attention_mask, *rest):
-        token_type_ids, prompt_ids = (rest[0] if self.extra else None), rest[-1]
+    def forward(self, input_ids, attention_mask, third, fourth=None):
+        # (token_type_ids, prompt_ids) or (prompt_ids,): named parameters, not *args, which torch.export packs into
+        # one tuple that the dynamo route's dynamic shapes cannot name.
+        token_type_ids, prompt_ids = (third, fourth) if self.extra else (None, third)
         prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
         embeds = self.base.get_input_embeddings()(input_ids)
         kwargs = {"inputs_embeds": torch.cat([self.tables.index_select(0, prompt_ids).to(embeds.dtype), embeds], 1),
@@ -226,24 +261,33 @@ class MultiEncoderGraph(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = torch.cat([torch.zeros_like(prompt_mask).to(token_type_ids.dtype),
                                                   token_type_ids], 1)
-        return self.base(**kwargs)["last_hidden_state"][:, self.n:]
+        if self.row_heads is None:
+            return self.task_ref.task_forward(kwargs, self.n)[self.output]
+        with self.row_heads.select(prompt_ids):
+            return self.task_ref.task_forward(kwargs, self.n)[self.output]
 
 
 def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *, task=None, opset: int = 18,
+                 dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
                  atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
                  progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None) -> ExportResult:
-    """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``; fp32.
+    """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``.
 
-    Parity: each adapter's rows of a mixed, padded batch against that adapter alone (parity_multi.py).
+    ``dtype``, ``optimize``, ``quantize``: the single export's passes (passes.py), in the same order. Parity: each
+    adapter's rows of a mixed, padded batch against that adapter alone (parity_multi.py), by the dtype's rule;
+    quantized graphs: first the fp32 graph exactly, then the quantized gate per adapter. Parity runs on the CPU
+    (``device="cuda"`` is refused: check the folder on a GPU host with ``ptuning-verify --provider cuda``).
     """
-    from ..parity_multi import check_multi
-    from ..tolerance import default_atol
+    from ..parity_multi import check_multi, check_quantized_multi
+    from ..tolerance import default_atol, default_rtol
+    from .golden import write_golden
 
     output = _check_output(output, overwrite)
-    if not isinstance(opset, int) or not 14 <= opset <= 21:
-        raise ConfigError(f"opset must be an integer in [14, 21], got {opset!r}")
-    if external_data not in (None, True, False):
-        raise ConfigError(f"external_data must be None, True or False, got {external_data!r}")
+    check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
+                  skip_verify=skip_verify)
+    if device != "cpu" and not skip_verify:
+        raise ConfigError(f"--device {device}: a multi-prompt export's parity runs on the CPU; check the folder on a "
+                          "GPU host with ptuning-verify --provider cuda (its golden.npz holds every adapter's rows)")
     if not adapters:
         raise ConfigError("no adapters given")
     route = _resolve_route(exporter)
@@ -259,27 +303,54 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
     else:
         def make():
             return [MultiEncoderGraph(ordered, _optimum.extra_inputs(first.base, first.task))]
+
+    def manifest_for(graph_dtype, graph_quantize, optimization) -> dict:
+        manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
+                                   loaded[names[0]].config, opset, graph_dtype, graph_quantize, optimization, route)
+        _describe(manifest, refs, loaded, adapters)
+        return manifest
+
     tmp = temp_beside(output)
     try:
         with log.step(f"exporting one {TASK_TO_CLI[first.task]} graph for {len(names)} prompts (opset {opset}, "
                       f"{route})"):
             graphs = _export_graphs(first, tmp, opset, route, external_data, make_wrappers=make)
+
+        def exact_fp32(optimization):
+            fp32 = manifest_for("fp32", None, optimization)
+            return _verified(lambda: check_multi(tmp, refs, fp32, atol=default_atol()), output)
+
+        optimization, exact = apply_passes(tmp, graphs, first.base.config, first.task, log, optimize=optimize,
+                                           dtype=dtype, quantize=quantize, external_data=external_data,
+                                           exact_fp32=None if skip_verify else exact_fp32,
+                                           raw_attention_mask=True)  # shorter prompts leave masked slots
         _copy_side_files(Path(base_model), first, tmp)
-        manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
-                                   loaded[names[0]].config, opset, "fp32", None, None, route)
-        _describe(manifest, refs, loaded, adapters)
+        if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
+            width = max(label_info(ref)["num_labels"] for ref in ordered)
+            padded = copy.deepcopy(first.base.config)
+            padded.id2label = {i: f"LABEL_{i}" for i in range(width)}
+            padded.label2id = {f"LABEL_{i}": i for i in range(width)}
+            padded.save_pretrained(tmp)
+        manifest = manifest_for(dtype, quantize, optimization)
         if first.task == TaskType.CAUSAL_LM:  # genai feeds prompt_ids with generator.set_model_input (FORMAT.md)
             write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:
-            tolerance = default_atol() if atol is None else atol
-            arrays: dict = {}
-            with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
-                          f"(atol {tolerance:g})"):
-                report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, golden=arrays), output)
+            if quantize:
+                with log.step(f"verifying the {quantize} graph per adapter (teacher-forced, error relative to each "
+                              "prompt's effect)"):
+                    report, memo = _verified(lambda: check_quantized_multi(tmp, refs, manifest, exact=exact), output)
+                manifest["golden"] = write_golden(tmp, memo, manifest["task"], report, adapters=len(names))
+            else:
+                tolerance, rtol = (default_atol(dtype) if atol is None else atol), default_rtol(dtype)
+                arrays: dict = {}
+                with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
+                              f"(atol {tolerance:g}" + (f", rtol {rtol:g})" if rtol else ")")):
+                    report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, rtol=rtol,
+                                                           golden=arrays), output)
+                manifest["golden"] = _write_golden(tmp, arrays, report)
             manifest["parity"] = report
             manifest["model"]["padding_invariant"] = True  # the check compares padded rows with rows alone
-            manifest["golden"] = _write_golden(tmp, arrays, report)
         finalize(tmp, manifest, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,7 +373,11 @@ def _describe(manifest: dict, refs: dict, loaded: dict, paths: dict) -> None:
         name: {"id": index, "num_virtual_tokens": refs[name].n, "path": str(Path(paths[name]).resolve()),
                "adapter_config": loaded[name].config.to_dict()}
         for index, name in enumerate(refs)}
-    manifest["golden"] = None  # golden.npz's entry once parity passed
+    if first.task in HEADED:  # each adapter's own head: its label count and names; the graph pads to the largest
+        for name, ref in refs.items():
+            manifest["adapters"][name].update(label_info(ref))
+        manifest["model"]["id2label"] = None
+    manifest.setdefault("golden", None)  # golden.npz's entry once parity passed
 
 
 def _write_golden(folder: Path, arrays: dict, report: dict) -> dict:
@@ -314,6 +389,9 @@ def _write_golden(folder: Path, arrays: dict, report: dict) -> dict:
 
     _keep_columns(arrays)
     np.savez(folder / mf.GOLDEN_NAME, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    # scales: each output's largest |reference| on real values, as parity measured it (the arrays hold LABEL_PAD
+    # in padded label columns, and large vocabularies keep a column subset), for fp16's relative bound.
     return {"file": mf.GOLDEN_NAME, "format_version": GOLDEN_FORMAT, "cases": 1, "gate": "exact",
-            "greedy_steps": report.get("greedy_steps"), "atol": report["atol"], "rtol": 0.0,
+            "greedy_steps": report.get("greedy_steps"), "atol": report["atol"], "rtol": report.get("rtol", 0.0),
+            "scales": report.get("scales"),
             "logits_columns": int(arrays["logits.columns"].size) if "logits.columns" in arrays else None}

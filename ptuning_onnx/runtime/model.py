@@ -249,9 +249,24 @@ class _Labelled(RuntimeModel):
         id2label = self.manifest["model"].get("id2label") or _config(self.path).get("id2label") or {}
         self.id2label = {int(k): str(v) for k, v in id2label.items()}
         self.multi_label = _config(self.path).get("problem_type") == "multi_label_classification"
+        # Multi-prompt folders: each adapter's own labels, {prompt id: {index: name}}; the graph pads every row's
+        # logits to the largest count (docs/FORMAT.md), and each row is cut to its adapter's here.
+        self.adapter_labels: Optional[dict] = None
+        if self.adapters is not None:
+            entries = self.manifest["adapters"].values()
+            self.adapter_labels = {int(e["id"]): {int(k): str(v) for k, v in (e.get("id2label") or {}).items()}
+                                   for e in entries}
 
-    def _label(self, index: int) -> str:
-        return self.id2label.get(index, f"LABEL_{index}")
+    def _label(self, index: int, prompt: Optional[int] = None) -> str:
+        labels = self.id2label if prompt is None or self.adapter_labels is None else self.adapter_labels[prompt]
+        return labels.get(index, f"LABEL_{index}")
+
+    def _own_labels(self, logits: np.ndarray, prompt_ids: Optional[np.ndarray]) -> list:
+        """[(logits of row b cut to its adapter's labels, its prompt id or None)] for (B, ..., labels) logits."""
+        if prompt_ids is None or self.adapter_labels is None:
+            return [(row, None) for row in logits]
+        return [(row[..., :len(self.adapter_labels[int(p)]) or None], int(p))
+                for row, p in zip(logits, prompt_ids, strict=True)]
 
     def _scores(self, logits: np.ndarray) -> np.ndarray:
         logits = logits.astype(np.float64)
@@ -268,11 +283,13 @@ class SequenceClassifier(_Labelled):
         """Per row ``{"label", "score", "logits"}``: the argmax label, its probability (softmax; sigmoid for
         multi-label configs) and the raw logits (list of floats, one per label)."""
         ids, mask, _, single = self._batch(texts, input_ids, attention_mask)
-        feed = self._encoder_feed(ids, mask, self.prompt_ids(adapter, adapters, ids.shape[0]))
-        logits = self.sessions["model"].run(["logits"], feed)[0]  # (B, num_labels)
-        scores = self._scores(logits)
-        out = [{"label": self._label(int(row.argmax())), "score": float(s[row.argmax()]),
-                "logits": [float(v) for v in row]} for row, s in zip(logits, scores, strict=True)]
+        prompt_ids = self.prompt_ids(adapter, adapters, ids.shape[0])
+        logits = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask, prompt_ids))[0]  # (B, labels)
+        out = []
+        for row, prompt in self._own_labels(logits, prompt_ids):
+            best, scores = int(row.argmax()), self._scores(row)
+            out.append({"label": self._label(best, prompt), "score": float(scores[best]),
+                        "logits": [float(v) for v in row]})
         return out[0] if single else out
 
 
@@ -283,21 +300,21 @@ class TokenClassifier(_Labelled):
         """Per text, one ``{"word", "start", "end", "label", "score"}`` per word (character offsets into the text);
         a word takes the label of its first sub-token."""
         ids, mask, encoded, single = self._batch(texts, None, None)
-        feed = self._encoder_feed(ids, mask, self.prompt_ids(adapter, adapters, ids.shape[0]))
-        logits = self.sessions["model"].run(["logits"], feed)[0]  # (B, L, num_labels)
-        scores = self._scores(logits)
+        prompt_ids = self.prompt_ids(adapter, adapters, ids.shape[0])
+        full = self.sessions["model"].run(["logits"], self._encoder_feed(ids, mask, prompt_ids))[0]  # (B, L, labels)
         texts = [texts] if single else list(texts)
         out = []
-        for row, text in enumerate(texts):
+        for row, (text, (logits, prompt)) in enumerate(zip(texts, self._own_labels(full, prompt_ids), strict=True)):
+            scores = self._scores(logits)
             words, spans = {}, encoded.offsets[row]
             for pos, word in enumerate(encoded.word_ids[row]):
                 if word is None or not mask[row, pos]:
                     continue  # special tokens and padding
                 start, end = spans[pos]
                 if word not in words:
-                    best = int(logits[row, pos].argmax())
-                    words[word] = {"word": "", "start": start, "end": end, "label": self._label(best),
-                                   "score": float(scores[row, pos, best])}
+                    best = int(logits[pos].argmax())
+                    words[word] = {"word": "", "start": start, "end": end, "label": self._label(best, prompt),
+                                   "score": float(scores[pos, best])}
                 words[word]["end"] = end
             for item in words.values():
                 item["word"] = text[item["start"]:item["end"]]

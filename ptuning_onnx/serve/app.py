@@ -88,12 +88,12 @@ def create_app(config: ServeConfig) -> tuple[Any, Service]:
     @app.get("/v1/model")
     async def model_info():
         m = svc.ready_model()
-        labels = getattr(m, "id2label", None)
+        labels = None if _adapter_labels(m) else getattr(m, "id2label", None)  # multi-prompt: per adapter
         return {"task": m.task, "labels": [labels[k] for k in sorted(labels)] if labels else None,
                 "num_virtual_tokens": m.num_virtual_tokens, "dtype": m.manifest.get("dtype", "fp32"),
                 "providers": m.providers, "device": m.device, "vocab_size": m.vocab_size,
                 "max_user_tokens": m.max_user_tokens, "golden": svc.golden, "folder": str(m.path),
-                "adapters": m.adapters,
+                "adapters": m.adapters, "adapter_labels": _adapter_labels(m),
                 "max_batch_size": config.max_batch_size, "max_new_tokens_limit": config.max_new_tokens_limit}
 
     @app.get("/v1/models")  # openai's client.models.list()
@@ -193,6 +193,14 @@ def _model_for(svc: Service, kind: str):
         raise ApiError(404, f"this server's model is a {model.task} export; {kind} needs a "
                             f"{' or '.join(TASK_OF[kind])} export")
     return model
+
+
+def _adapter_labels(model) -> Optional[dict]:
+    """A multi-prompt classifier's labels per adapter, ``{name: [label, ...]}``; None otherwise."""
+    per_id = getattr(model, "adapter_labels", None)
+    if not per_id or not model.adapters:
+        return None
+    return {name: [per_id[i][k] for k in sorted(per_id[i])] for name, i in model.adapters.items()}
 
 
 def _openai_adapter(model, name: Optional[str]) -> Optional[str]:
