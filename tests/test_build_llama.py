@@ -111,3 +111,42 @@ def test_optimize_on_gpt2_says_why_no_graph_was_built(peft_adapters, tmp_path):
     result = export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", optimize=True, progress=False)
     decision = result.manifest["optimization"]
     assert decision["recipe"] == "gpt2" and "model type 'gpt2'" in decision["builder"]
+
+
+def test_service_batches_a_fused_folder_like_rows_alone(built):
+    """The fused graph's cache holds the prompt's positions first; the service's continuous batcher trims and pads
+    caches when rows join and leave. Staggered requests through the REAL server equal each row alone through the
+    runtime, and the batch-size histogram shows that they ran together."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ptuning_onnx import runtime
+    from test_serve import Server, _alone, _metric, _post
+
+    fused, _, _ = built
+    assert fused.manifest["optimization"]["kept"] == "fused" or pytest.skip("the timing kept the traced graph")
+    oracle = runtime.load(fused.path, provider="cpu", threads=1)
+    server = Server(fused.path, "--max-batch-size", "8", "--max-wait-ms", "30").wait()
+    try:
+        rng = np.random.default_rng(5)
+        requests = [{"input_ids": [rng.integers(4, 1000, size=int(rng.integers(1, 20))).tolist()],
+                     "max_new_tokens": int(rng.integers(3, 16)), "eos_token_id": []} for _ in range(6)]
+        alone = [_alone(oracle, r["input_ids"][0], r["max_new_tokens"], eos_token_id=[]) for r in requests]
+        before = _metric(server, "ptuning_batch_size_count", kind="generate") - _metric(
+            server, "ptuning_batch_size_bucket", kind="generate", le="1.0")
+
+        def send(item):
+            time.sleep(item[0] * 0.02)  # rows join a batch that is already decoding
+            return _post(server, "/v1/generate", item[1], headers={}).json()["outputs"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(send, enumerate(requests)))
+        assert together == alone
+        after = _metric(server, "ptuning_batch_size_count", kind="generate") - _metric(
+            server, "ptuning_batch_size_bucket", kind="generate", le="1.0")
+        assert after > before
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    finally:
+        server.stop()

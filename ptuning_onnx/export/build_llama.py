@@ -9,14 +9,17 @@ per layer with onnxruntime's contrib ops, as onnxruntime-genai's model builder d
     -> GroupQueryAttention (grouped KV heads, causal, past + new keys in one buffer) -> MatMul (o)
     -> SkipSimplifiedLayerNormalization -> MatMul (packed gate|up) -> Split -> SiLU * up -> MatMul (down)
 
-Its interface is the traced graph's, unchanged (``wrappers.causal_spec``): the runtime, parity, golden.npz,
-genai_config.json and the service do not know which one they load. What differs is inside:
+Its inputs and outputs are the traced graph's (``wrappers.causal_spec``), with one difference: the KV cache holds
+the prompt. ``present.*`` are (B, KV, n + T, D), the prompt's n positions first, and the past given back holds them
+too (the traced graph joins them in front of the user's past at every step and cuts them off each present, three
+copies of the cache per layer and step). Callers that pass each present back as the next past, as the runtime,
+parity, golden.npz, onnxruntime-genai and the service do, see no difference; the service's batcher keeps the
+leading positions when it trims or pads a cache. Inside:
 
 - the prompt's keys/values (rotary applied, computed once by ``CausalLMGraph``) are constants. At the prefill (empty
   past) they join the NEW keys/values behind placeholder queries whose outputs are dropped, so GroupQueryAttention
   runs its first-prompt mode, which takes a batch of any size (after a past it takes several new tokens only one
-  row at a time); when a past is given they lead it. The first n positions are cut off each ``present``, as in
-  the trace;
+  row at a time);
 - the mask becomes GroupQueryAttention's ``attention_bias`` (0 or float32 min per key position, the prompt's
   always 0), so left padding works; every row's ``seqlens_k`` is the full buffer, as padding is in the bias;
 - rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``.
@@ -131,9 +134,10 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
     prompt_ones = g.op("Expand", [g.const("ones", np.ones((1, n), np.int64)), g.op("Concat", [batch, one], axis=0)])
     full_mask = g.op("Concat", [prompt_ones, "attention_mask"], axis=1)  # (B, n + T)
     total = g.op("Gather", [g.op("Shape", [full_mask]), one], axis=0)  # (1,) n + T
-    # Where the prompt's keys/values enter attention. At the prefill (the past is empty) they join the NEW keys, each
-    # with a placeholder query whose output is dropped: GroupQueryAttention's first-prompt mode, which takes any
-    # batch. Once a past is given they lead the past: its one-token decoding mode. (A chunk of several tokens after
+    # The KV cache holds the prompt: ``present.*`` are (B, KV, n + T, D), and a past given back holds it too. At the
+    # prefill (the past is empty) the prompt's keys/values join the NEW keys, each with a placeholder query whose
+    # output is dropped: GroupQueryAttention's first-prompt mode, which takes any batch. Afterwards the past leads
+    # with them, and nothing is copied but what GroupQueryAttention itself appends. (A chunk of several tokens after
     # a past, which the runtime never sends, is its "subsequent prompt" mode, which onnxruntime runs one row at a
     # time: a batch of several such rows is refused by onnxruntime.)
     cut = g.const("prompt_len", np.array([n], np.int64))
@@ -171,13 +175,10 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
     qkv_sizes = g.const("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
     mlp_sizes = g.const("mlp_sizes", np.array([inter, inter], np.int64))
     per_row3 = g.op("Concat", [batch, one, one], axis=0)
-    per_row4 = g.op("Concat", [batch, one, one, one], axis=0)
     axis1 = one
     placeholder_q = g.const("placeholder_q", np.zeros((1, n, heads * head_dim), np.float32))
     end = g.const("end", np.array([np.iinfo(np.int64).max], np.int64))
-    axis2 = g.const("axis2", np.array([2], np.int64))
     residual = None
-    presents: list = []
     for i in range(traced.num_layers):
         layer = f"layers.{i}."
         norm_w = g.const(f"ln_in_{i}", weight(layer + "input_layernorm.weight"))
@@ -198,24 +199,21 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
         q = g.op("RotaryEmbedding", [q, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=heads, interleaved=0)
         k = g.op("RotaryEmbedding", [k, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=kv_heads,
                  interleaved=0)
-        new, pasts = [], []
-        for kind, index, current in (("query", None, q), ("key", 2 * i, k), ("value", 2 * i + 1, v)):
-            if index is None:
+        new = []
+        for kind, current in (("query", q), ("key", k), ("value", v)):
+            if kind == "query":
                 lead = placeholder_q
             else:
                 prompt = getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy()  # (1, KV, n, D)
-                lead = g.const(f"prompt_{kind}_{i}_bsd", prompt.transpose(0, 2, 1, 3).reshape(1, n, -1))
-                in_past = g.op("Slice", [g.const(f"prompt_{kind}_{i}", prompt), n_new, cut, axis2])
-                pasts.append(g.op("Concat", [g.op("Expand", [in_past, per_row4]), spec.inputs[3 + index]], axis=2))
+                lead = g.const(f"prompt_{kind}_{i}", prompt.transpose(0, 2, 1, 3).reshape(1, n, -1))
             lead = g.op("Expand", [g.op("Slice", [lead, zero, n_new, axis1]), per_row3])
             new.append(g.op("Concat", [lead, current], axis=1))
-        out, present_k, present_v = g.op(
-            "GroupQueryAttention", [*new, *pasts, seqlens, total_i32, "", "", "", bias], outputs=3, domain=MS,
-            num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
+        past_k, past_v = spec.inputs[3 + 2 * i], spec.inputs[4 + 2 * i]
+        present_k, present_v = spec.outputs[1 + 2 * i], spec.outputs[2 + 2 * i]
+        out = g.op("GroupQueryAttention", [*new, past_k, past_v, seqlens, total_i32, "", "", "", bias],
+                   outputs=[g.name("attention"), present_k, present_v], domain=MS, num_heads=heads,
+                   kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))[0]
         out = g.op("Slice", [out, n_new, end, axis1])  # the placeholder queries' outputs dropped
-        for present in (present_k, present_v):
-            name = spec.outputs[1 + len(presents)]
-            presents.append(g.op("Slice", [present, cut, end, axis2], outputs=[name]))
         attn_out = g.op("MatMul", [out, g.const(f"o_{i}", weight(attn + "o_proj.weight").T)])
         post_w = g.const(f"ln_post_{i}", weight(layer + "post_attention_layernorm.weight"))
         normed, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, post_w],

@@ -7,7 +7,9 @@ which the export's parity proved gives what the row gives alone (``padding_invar
 row's own mask. Finished rows are cut out of the batch, and columns that no row attends to any more are trimmed.
 Each row keeps its own ``TokenChooser`` (seed, penalty), so its tokens are those of the request alone.
 
-Shapes: B rows, P cached positions (user tokens only: the graph adds the virtual tokens inside), H heads, D head dim.
+Shapes: B rows, P cached positions, H heads, D head dim. A traced graph caches the user's tokens only (it adds the
+virtual tokens inside); a fused Llama graph caches the prompt's n positions first, and trimming and padding happen
+after those (``_Running._lead``).
 """
 
 from __future__ import annotations
@@ -46,22 +48,36 @@ class _Running:
         used = np.flatnonzero(self.mask.any(0))
         start = int(used[0]) if used.size else self.mask.shape[1]
         if start:
+            self.past = {name: np.concatenate([value[:, :, :lead], value[:, :, lead + start:]], 2)
+                         for name, value in self.past.items() for lead in [self._lead(value)]}
             self.mask = self.mask[:, start:]
-            self.past = {name: value[:, :, start:] for name, value in self.past.items()}
+
+    def _lead(self, value: np.ndarray) -> int:
+        """Cache positions before the user's: the prompt's, where the graph keeps them in the cache (a fused
+        Llama graph does; a traced graph keeps them inside and this is 0)."""
+        return value.shape[2] - self.mask.shape[1]
 
     def merge(self, other: "_Running") -> None:
         width = max(self.mask.shape[1], other.mask.shape[1])
+        self.past = {name: np.concatenate([_left_after(value, self._lead(value), width),
+                                           _left_after(other.past[name], other._lead(other.past[name]), width)])
+                     for name, value in self.past.items()}
         self.rows, self.choosers = self.rows + other.rows, self.choosers + other.choosers
         self.mask = np.concatenate([_left(self.mask, width, 1), _left(other.mask, width, 1)])
         self.last = np.concatenate([self.last, other.last])
         if self.prompts is not None and other.prompts is not None:
             self.prompts = np.concatenate([self.prompts, other.prompts])
-        self.past = {name: np.concatenate([_left(value, width, 2), _left(other.past[name], width, 2)])
-                     for name, value in self.past.items()}
 
     def length_needed(self) -> int:
         """Cached width plus the most steps any row may still take: what the model's positions must hold."""
         return self.mask.shape[1] + max(r.params.max_new_tokens - len(r.tokens) for r in self.rows)
+
+
+def _left_after(value: np.ndarray, lead: int, width: int) -> np.ndarray:
+    """A cache (B, H, lead + P, D) left-padded to lead + ``width`` positions after its ``lead`` ones."""
+    if not lead:
+        return _left(value, width, 2)
+    return np.concatenate([value[:, :, :lead], _left(value[:, :, lead:], width, 2)], 2)
 
 
 def _left(value: np.ndarray, width: int, axis: int) -> np.ndarray:
@@ -92,15 +108,22 @@ class Continuous:
         while not (stop and running is None and not self.pending):
             room = self.b.max_batch_size - (len(running) if running else 0)
             new, stop = self._take(room, wait=running is None, stop=stop)
-            if new:
-                joined = self._prefill(new, running)
-                if joined is not None:
-                    if running is None:
-                        running = joined
-                    else:
-                        running.merge(joined)
-            if running is not None and len(running):
-                self._decode(running)
+            joined = None
+            try:
+                if new:
+                    joined = self._prefill(new, running)
+                    if joined is not None:
+                        if running is None:
+                            running = joined
+                        else:
+                            running.merge(joined)
+                if running is not None and len(running):
+                    self._decode(running)
+            except Exception as exc:  # a fault between the runs: answer every row (a 500), keep serving
+                for batch in (running, joined):
+                    for row in batch.rows if batch is not None else ():
+                        row.emit("error", row.index, exc)
+                running = None
             if running is not None and not len(running):
                 running = None
 
