@@ -150,3 +150,29 @@ def test_service_batches_a_fused_folder_like_rows_alone(built):
         assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_fused_folder_says_its_cache_holds_the_prompt_and_has_no_genai_config(built, exports):
+    """onnxruntime-genai sizes each present as its own token count (it fails on a cache that also holds the prompt),
+    so only the traced folder carries genai_config.json; the manifest says which convention the cache follows."""
+    fused, _, _ = built
+    traced = exports["causal-lm-llama"]
+    from ptuning_onnx import manifest as mf
+
+    assert fused.manifest["model"]["cache_holds_prompt"] is (fused.manifest["optimization"]["kept"] == "fused")
+    assert (fused.path / "genai_config.json").exists() is not fused.manifest["model"]["cache_holds_prompt"]
+    assert mf.read_manifest(traced)["model"]["cache_holds_prompt"] is False
+    assert (traced / "genai_config.json").exists()
+    if fused.manifest["model"]["cache_holds_prompt"]:
+        from ptuning_onnx import runtime
+
+        model = runtime.load(fused.path)
+        n = fused.manifest["num_virtual_tokens"]
+        session = model.sessions["model"]
+        import numpy as np
+
+        from ptuning_onnx.runtime.generation import empty_past
+
+        out = session.run(None, {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
+                                 "position_ids": np.array([[0, 1, 2]]), **empty_past(session, 1)})
+        assert out[1].shape[2] == n + 3  # present.0.key: the prompt's positions, then the user's

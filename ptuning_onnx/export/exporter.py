@@ -145,7 +145,9 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimization, route)
-        if task == TaskType.CAUSAL_LM:  # onnxruntime-genai's sidecar; hashed below like every other file
+        # onnxruntime-genai's sidecar, hashed below like every other file. genai sizes each present as its own
+        # count of tokens, so a graph whose cache also holds the prompt's positions (a fused Llama) gets none.
+        if task == TaskType.CAUSAL_LM and not manifest["model"]["cache_holds_prompt"]:
             write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:
@@ -368,6 +370,8 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
             "padding_side": ref.padding_side,
             "id2label": {str(k): v for k, v in cfg.id2label.items()}
             if ref.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
+            # True: present.* hold the prompt's n positions before the user's, and so must a past given back.
+            "cache_holds_prompt": bool(optimization and optimization.get("cache_holds_prompt")),
         },
         "graphs": graphs,
         "opset": opset,

@@ -49,9 +49,11 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
 
         why_not = build_llama.unsupported(config)
         if why_not is None:
-            return _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
-                                lambda path, candidate: build_llama.build(
-                                    ref, candidate, opset=_opset(path), external_data=_external(path, external_data)))
+            entry = _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
+                                 lambda path, candidate: build_llama.build(
+                                     ref, candidate, opset=_opset(path), external_data=_external(path, external_data)))
+            entry["cache_holds_prompt"] = entry["kept"] == "fused"  # the built graph's cache convention
+            return entry
     recipe = RECIPES.get(model_type)
     if recipe is None:
         return {"kept": "unfused", "reason": f"no fusion recipe for model type {model_type!r}"}
