@@ -94,7 +94,8 @@ def test_seq_cls_rows_equal_peft_and_their_single_exports(seq_cls):
         assert got[row]["label"] == alone["label"]
         assert np.abs(np.array(got[row]["logits"]) - alone["logits"]).max() <= 1e-4
         other = np.array(swapped[row]["logits"])
-        assert other.shape != peft.shape or np.abs(other - peft).max() > 1e-2
+        shared = min(len(other), len(peft))  # the label columns both heads have (2 and 3 labels)
+        assert np.abs(other[:shared] - peft[:shared]).max() > 1e-2
 
 
 def test_seq_cls_golden_passes_and_sees_rotated_prompt_ids(seq_cls, tmp_path):
@@ -105,17 +106,20 @@ def test_seq_cls_golden_passes_and_sees_rotated_prompt_ids(seq_cls, tmp_path):
     rotated_golden_fails(seq_cls["multi"].path, tmp_path, 2)
 
 
-def test_seq_cls_gate_fails_when_heads_are_swapped(seq_cls):
-    """The gate can fail: the folder checked against references whose adapters are swapped raises."""
+def test_seq_cls_gate_fails_when_an_adapter_is_another(seq_cls, tmp_path):
+    """The gate can fail on values: the folder checked against a reference whose "sentiment" is another adapter of
+    the same shape (2 labels, 5 virtual tokens, another seed) raises, naming the row that differs."""
     from ptuning_onnx import manifest as mf
     from ptuning_onnx.errors import ParityError
     from ptuning_onnx.export.multi import load_references
     from ptuning_onnx.parity_multi import check_multi
 
-    refs, _ = load_references(MODELS / "bert", {"sentiment": seq_cls["adapters"]["topic"],
-                                                "topic": seq_cls["adapters"]["sentiment"]})
+    encoder, n, _, labels = HEADS["sentiment"]
+    _, other = make_peft_adapter(tmp_path / "other", MODELS / "bert", "SEQ_CLS", AUTO["seq-cls"][1], encoder=encoder,
+                                 num_virtual_tokens=n, seed=9, num_labels=labels)
+    refs, _ = load_references(MODELS / "bert", {"sentiment": other, "topic": seq_cls["adapters"]["topic"]})
     manifest = mf.read_manifest(seq_cls["multi"].path)
-    with pytest.raises(ParityError):
+    with pytest.raises(ParityError, match="differs from its adapter alone"):
         check_multi(seq_cls["multi"].path, refs, manifest)
 
 
@@ -136,7 +140,8 @@ def test_token_cls_rows_equal_peft_and_tag_equals_single_exports(token_cls):
         peft = _peft_logits(token_cls["peft"][name], ids[row][real], HEADS[name][1], per_token=True)
         assert np.abs(logits[row][real][:, :labels] - peft).max() <= 1e-4
         assert (logits[row][real][:, labels:] == -1e4).all()
-        assert np.abs(wrong[row][real][:, :labels] - peft).max() > 1e-2
+        shared = min(h[3] for h in HEADS.values())  # not the -1e4 padding column a 2-label head gets
+        assert np.abs(wrong[row][real][:, :shared] - peft[:, :shared]).max() > 1e-2
     tags = multi.tag(TEXTS, adapters=names)
     for row, name in enumerate(names):
         alone = runtime.load(token_cls["singles"][name]).tag(TEXTS[row])
@@ -232,3 +237,22 @@ def test_a_base_with_its_own_classifier_still_gets_each_adapters(tmp_path, torch
         assert np.abs(np.array(got[row]["logits"]) - peft).max() <= 1e-4
         other = _peft_logits(made["sentiment" if name == "topic" else "topic"][0], ids, HEADS[name][1], False)
         assert np.abs(np.array(got[row]["logits"]) - other).max() > 1e-2
+
+
+def test_rows_are_cut_by_the_label_count_even_without_label_names(seq_cls, tmp_path):
+    """An adapter entry whose id2label is empty still has its rows cut to num_labels: the -1e4 padding never
+    reaches a caller, and the labels are named LABEL_i."""
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx import runtime
+
+    folder = tmp_path / "multi"
+    shutil.copytree(seq_cls["multi"].path, folder)
+    path = folder / mf.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["adapters"]["sentiment"]["id2label"] = {}
+    path.write_text(json.dumps(manifest))
+    got = runtime.load(folder).classify(TEXTS[:2], adapter="sentiment")
+    assert [len(r["logits"]) for r in got] == [2, 2]
+    assert all(r["label"] in ("LABEL_0", "LABEL_1") and min(r["logits"]) > -1e3 for r in got)

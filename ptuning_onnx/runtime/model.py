@@ -252,9 +252,13 @@ class _Labelled(RuntimeModel):
         # Multi-prompt folders: each adapter's own labels, {prompt id: {index: name}}; the graph pads every row's
         # logits to the largest count (docs/FORMAT.md), and each row is cut to its adapter's here.
         self.adapter_labels: Optional[dict] = None
+        self.adapter_counts: dict = {}
         if self.adapters is not None:
             entries = self.manifest["adapters"].values()
             self.adapter_labels = {int(e["id"]): {int(k): str(v) for k, v in (e.get("id2label") or {}).items()}
+                                   for e in entries}
+            # The count cuts the padding, whatever names id2label gives (it may be empty): LABEL_i stands in.
+            self.adapter_counts = {int(e["id"]): int(e.get("num_labels") or len(e.get("id2label") or {}))
                                    for e in entries}
 
     def _label(self, index: int, prompt: Optional[int] = None) -> str:
@@ -265,7 +269,7 @@ class _Labelled(RuntimeModel):
         """[(logits of row b cut to its adapter's labels, its prompt id or None)] for (B, ..., labels) logits."""
         if prompt_ids is None or self.adapter_labels is None:
             return [(row, None) for row in logits]
-        return [(row[..., :len(self.adapter_labels[int(p)]) or None], int(p))
+        return [(row[..., :self.adapter_counts[int(p)] or None], int(p))
                 for row, p in zip(logits, prompt_ids, strict=True)]
 
     def _scores(self, logits: np.ndarray) -> np.ndarray:
