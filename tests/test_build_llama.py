@@ -38,10 +38,44 @@ def test_optimize_writes_the_fused_graph_and_keeps_exact_parity(built):
     assert decision["nodes"]["model"]["fused"] < decision["nodes"]["model"]["unfused"] / 3
     report = fused.report
     assert report["passed"] and report["atol"] == 1e-4 and report["negative_control"]["failed_as_expected"]
-    assert report["padding_invariant"]["passed"]  # left padding lives in the attention bias
     if decision["kept"] == "fused":
         ops = {n.op_type for n in onnx.load(str(fused.path / "model.onnx")).graph.node}
         assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops
+        assert decision["min_onnxruntime"] == build_llama.MIN_ONNXRUNTIME
+
+
+def test_the_fused_graph_passes_the_exact_gate_whatever_the_timing_kept(built, tmp_path):
+    """The export's report belongs to whichever graph was faster; this puts the fused graph in the folder and runs
+    the exact gate on it (unseen shapes, padded rows, greedy steps, the cache), negative control included."""
+    import shutil
+
+    fused, adapter, _ = built
+    folder = tmp_path / "folder"
+    shutil.copytree(fused.path, folder)
+    ref = load_reference(MODELS / "llama", load_adapter(adapter), None)
+    build_llama.build(ref, folder / "model.onnx")
+    manifest = json.loads((folder / "ptuning_onnx.json").read_text())
+    report = check_parity(folder, ref, manifest, atol=1e-4)
+    assert report["passed"] and report["negative_control"]["failed_as_expected"]
+    assert report["padding_invariant"]["passed"]  # left padding lives in the attention bias
+    assert max(report["max_abs_diff"].values()) < 1e-5
+
+
+def test_a_runtime_too_old_for_the_fused_graph_is_named(built, tmp_path):
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx import runtime
+    from ptuning_onnx.errors import ConfigError
+
+    fused, _, _ = built
+    folder = tmp_path / "folder"
+    shutil.copytree(fused.path, folder)
+    manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
+    manifest["optimization"]["min_onnxruntime"] = "99.0"
+    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"needs onnxruntime >= 99.0; this is"):
+        runtime.load(folder)
 
 
 def test_fused_graph_generates_what_peft_generates(built, tmp_path):

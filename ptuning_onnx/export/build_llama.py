@@ -41,12 +41,19 @@ from . import graph_io
 from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, causal_spec
 
 FAMILIES = ("llama", "mistral", "qwen2")
+# GroupQueryAttention's attention_bias input (our mask) on the CPU: onnxruntime 1.22 (microsoft/onnxruntime#23944).
+MIN_ONNXRUNTIME = "1.22"
 MS = "com.microsoft"
 _F32_MIN = float(np.finfo(np.float32).min)
 
 
 def unsupported(config) -> Optional[str]:
     """Why this config cannot be built (None when it can)."""
+    import onnxruntime as ort
+
+    have = tuple(int(p) for p in ort.__version__.split("+")[0].split(".")[:2])
+    if have < tuple(int(p) for p in MIN_ONNXRUNTIME.split(".")):
+        return f"onnxruntime {ort.__version__} (GroupQueryAttention's attention_bias needs {MIN_ONNXRUNTIME})"
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         return f"model type {model_type!r} is not one of {', '.join(FAMILIES)}"
@@ -68,27 +75,22 @@ def unsupported(config) -> Optional[str]:
 
 
 class _Graph:
-    """Nodes, initializers and unique names for one graph; ``sub()`` opens a subgraph (an ``If`` branch) that
-    shares the names and keeps its constants in the outer graph."""
+    """Nodes, initializers and unique names for one graph."""
 
-    def __init__(self, root: Optional["_Graph"] = None):
+    def __init__(self):
         self.nodes: list = []
-        self.root = root or self
         self.weights: list = []
         self._count = 0
 
-    def sub(self) -> "_Graph":
-        return _Graph(self.root)
-
     def name(self, hint: str) -> str:
-        self.root._count += 1
-        return f"{hint}_{self.root._count}"
+        self._count += 1
+        return f"{hint}_{self._count}"
 
     def const(self, hint: str, value) -> str:
         from onnx import numpy_helper
 
         name = self.name(hint)
-        self.root.weights.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.weights.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
     def op(self, op_type: str, inputs: list, outputs=1, domain: str = "", hint: Optional[str] = None, **attrs):

@@ -50,9 +50,10 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
         why_not = build_llama.unsupported(config)
         if why_not is None:
             entry = _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
-                                 lambda path, candidate: build_llama.build(
-                                     ref, candidate, opset=_opset(path), external_data=_external(path, external_data)))
+                                 lambda path, candidate: _build(build_llama, ref, path, candidate, external_data))
             entry["cache_holds_prompt"] = entry["kept"] == "fused"  # the built graph's cache convention
+            if entry["kept"] == "fused":
+                entry["min_onnxruntime"] = build_llama.MIN_ONNXRUNTIME
             return entry
     recipe = RECIPES.get(model_type)
     if recipe is None:
@@ -65,6 +66,14 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
     if why_not:
         entry["builder"] = f"not built: {why_not}"
     return entry
+
+
+def _build(build_llama, ref, path: Path, candidate: Path, external_data) -> dict:
+    try:
+        return build_llama.build(ref, candidate, opset=_opset(path), external_data=_external(path, external_data))
+    except (KeyError, ValueError) as exc:  # a checkpoint laid out otherwise than the family's (a missing weight)
+        raise ExportError(f"building the fused {ref.base.config.model_type} graph failed: {type(exc).__name__}: "
+                          f"{exc}; export without --optimize") from exc
 
 
 def _opset(path: Path) -> int:

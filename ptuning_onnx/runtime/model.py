@@ -376,6 +376,7 @@ def load(path: Union[str, os.PathLike], provider: str = "auto", threads: Optiona
     if missing:
         raise ManifestError(f"manifest of {folder} lacks graphs {missing} for task {task}")
     paths = {g: mf.graph_path(folder, manifest, g) for g in graphs}
+    _check_onnxruntime(folder, manifest)
     sessions, device, device_id = build_sessions(paths, provider, threads)
     dtype = manifest.get("dtype", "fp32")
     if device == "cuda" and dtype == "fp32":
@@ -388,6 +389,21 @@ def load(path: Union[str, os.PathLike], provider: str = "auto", threads: Optiona
 
         model.golden_report = verify_golden(model)
     return model
+
+
+def _check_onnxruntime(folder: Path, manifest: dict) -> None:
+    """A graph that needs a newer onnxruntime than this one (``optimization.min_onnxruntime``) is refused by name,
+    before onnxruntime fails on it with a schema error."""
+    import onnxruntime as ort
+
+    needed = (manifest.get("optimization") or {}).get("min_onnxruntime")
+    if needed and _version(ort.__version__) < _version(needed):
+        raise ConfigError(f"{folder}: its fused graph needs onnxruntime >= {needed}; this is "
+                          f"{ort.__version__} (upgrade onnxruntime, or export without --optimize)")
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
 
 
 def _config(folder: Path) -> dict:
