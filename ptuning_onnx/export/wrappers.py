@@ -93,6 +93,8 @@ class CausalLMGraph(nn.Module):
         super().__init__()
         self.model = ref.base
         self.n = ref.n
+        # A template's model (reference_template.py) also fills placeholder ids inside input_ids from its table.
+        self.templated = ref if getattr(ref, "template", None) is not None else None
         with torch.no_grad():
             prompt = ref.prompt_embeds(1)
             positions = torch.arange(self.n).unsqueeze(0) + ref.position_offset
@@ -131,7 +133,9 @@ class CausalLMGraph(nn.Module):
         seq = steps[-1:] + 1
         keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
         index = steps[steps >= seq - keep]
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
+        inputs = ({"input_ids": input_ids} if self.templated is None
+                  else {"inputs_embeds": self.templated.embed_tokens(input_ids)})
+        kwargs = dict(**inputs, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids + self.offset
         if self._keep_native:
