@@ -162,7 +162,7 @@ def test_runtime_applies_the_template_and_equals_the_reference(trained, exported
         ref = load_reference(MODELS / model, tmp / name)
         tok = AutoTokenizer.from_pretrained(MODELS / model)
         fields = [r if isinstance(r, dict) else {"text": r} for r in rows]
-        ids = [ref.template.inputs(r, lambda s: tok(s, add_special_tokens=False)["input_ids"], ref.vocab_size,
+        ids = [ref.template.inputs(r, lambda s, tok=tok: tok(s, add_special_tokens=False)["input_ids"], ref.vocab_size,
                                    tokenizer_specials(tok)) for r in fields]
         with torch.no_grad():
             want = torch.cat([ref(torch.tensor([row])).logits for row in ids]).numpy()  # each row alone
@@ -176,6 +176,8 @@ def test_runtime_applies_the_template_and_equals_the_reference(trained, exported
         ids = ref.template.inputs({"text": prompt}, lambda s: tok(s, add_special_tokens=False)["input_ids"], 1000)
         want = ref.greedy(torch.tensor([ids]), max_new_tokens=6)[0].tolist()
         assert text == tok.decode(want, skip_special_tokens=True)
+    # Placeholders are not tokens a repetition penalty could index (ids >= vocab_size).
+    assert len(lm.generate("The sun rises", max_new_tokens=3, repetition_penalty=1.3, eos_token_id=[])) > 0
 
 
 def test_runtime_refuses_misplaced_placeholders(exported):
@@ -238,3 +240,34 @@ def load_adapter_base():
     from ptuning_onnx.reference import load_base
 
     return load_base(MODELS / "bert", "SEQ_CLS", labels=["a", "b"])
+
+
+def test_feature_extraction_template_from_a_peft_adapter(tmp_path):
+    """A PEFT-written adapter plus our template.json: the export maps its placeholders, `embed` takes raw rows."""
+    from transformers import AutoTokenizer
+
+    from conftest import make_peft_adapter
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export import export
+    from ptuning_onnx.export.exporter import load_reference
+    from ptuning_onnx.template_data import tokenizer_specials
+
+    make_peft_adapter(tmp_path / "fe", MODELS / "bert", "FEATURE_EXTRACTION", "AutoModel", num_virtual_tokens=5)
+    (tmp_path / "fe" / "template.json").write_text(json.dumps({"template": "<p:2> {text} <p:3> so"}))
+    result = export(MODELS / "bert", tmp_path / "fe", tmp_path / "onnx", progress=False)
+    assert result.report["passed"] and result.manifest["template"]["inline_slots"] == [[2, 3]]
+    model = runtime.load(result.path)
+    got = model.embed(["a fine film", "dull"])
+    ref = load_reference(MODELS / "bert", tmp_path / "fe")
+    tok = AutoTokenizer.from_pretrained(MODELS / "bert")
+    for row, text in enumerate(["a fine film", "dull"]):
+        ids = ref.template.inputs({"text": text}, lambda s: tok(s, add_special_tokens=False)["input_ids"],
+                                  ref.vocab_size, tokenizer_specials(tok))
+        with torch.no_grad():
+            hidden = ref(torch.tensor([ids])).last_hidden_state[0].mean(0).numpy()
+        assert np.abs(got[row] - hidden).max() < 1e-4
+    (tmp_path / "fe" / "template.json").write_text(json.dumps({"template": "<p:2> {text}"}))
+    from ptuning_onnx.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="template has 2 virtual tokens but the adapter config says"):
+        load_adapter(tmp_path / "fe")

@@ -146,8 +146,7 @@ class _Generative(RuntimeModel):
         raise NotImplementedError
 
     def _chooser(self, params, ids, mask):
-        # A template's placeholders are not tokens the repetition penalty could see again.
-        return gen.chooser_for(params, ids, mask * (ids < self.vocab_size), self.vocab_size, self.pad_token_id)
+        return gen.chooser_for(params, ids, mask, self.vocab_size, self.pad_token_id)
 
     def _prepare(self, prompts, input_ids, attention_mask, max_new_tokens, kw):
         adapter, adapters = kw.pop("adapter", None), kw.pop("adapters", None)
