@@ -271,3 +271,13 @@ def test_feature_extraction_template_from_a_peft_adapter(tmp_path):
 
     with pytest.raises(AdapterError, match="template has 2 virtual tokens but the adapter config says"):
         load_adapter(tmp_path / "fe")
+
+
+def test_resume_keeps_the_template(tmp_path, torch_one_thread):
+    rows = SENTIMENT[:8]
+    _train(tmp_path, "r", "seq-cls", "bert", rows, template="<p:2> {text} <p:2> It was", max_steps=1)
+    with pytest.raises(ConfigError, match="cannot resume: --template was '<p:2> {text} <p:2> It was'"):
+        _train(tmp_path, "r", "seq-cls", "bert", rows, template="<p:4> {text}", max_steps=2, resume=True)
+    done = _train(tmp_path, "r", "seq-cls", "bert", rows, template="<p:2> {text} <p:2> It was", max_steps=2,
+                  resume=True)
+    assert done.step == 2 and load_adapter(tmp_path / "r").template == "<p:2> {text} <p:2> It was"

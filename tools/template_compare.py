@@ -1,6 +1,7 @@
 """Does an anchored template beat the prefix at the same number of virtual tokens? (issue 12)
 
     python tools/template_compare.py [--work /tmp/tcmp] [--json out.json] [--no-export]
+                                     [--variants prefix anchor] [--seeds 42 1 2]
 
 On the real all-MiniLM-L6-v2, the demo's sentiment task and settings (``ptuning-demo``: the shipped 300/100 split,
 6 epochs, batch 16, learning rate 3e-2, seed 42, MLP encoder), trains three prompts of 20 virtual tokens each:
@@ -10,7 +11,9 @@ On the real all-MiniLM-L6-v2, the demo's sentiment task and settings (``ptuning-
 - ``anchor-prefix``: ``<p:20> {text} It was`` (the anchor words without a virtual slot after the input)
 
 and reports each one's held-out accuracy per epoch (PyTorch), then exports ``prefix`` and ``anchor`` with the
-parity check and classifies the held-out split again through the torch-free runtime from the raw rows.
+parity check and classifies the held-out split again through the torch-free runtime from the raw rows. With
+several ``--seeds`` (initialisation and data order) every variant trains once per seed; the first seed's runs are
+exported. The held-out split has 100 sentences: one sentence is one point.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/tcmp"))
     p.add_argument("--json", type=Path)
     p.add_argument("--no-export", action="store_true", help="PyTorch accuracies only")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[42])
     args = p.parse_args(argv)
     import torch
 
@@ -44,18 +49,22 @@ def main(argv=None) -> int:
     base = default_base_model()
     rows = _read_jsonl(DATA / "test.jsonl")
     results = {"threads": torch.get_num_threads(), "variants": {}}
-    for name, template in VARIANTS.items():
-        adapter = args.work / name
+    runs = [(name, seed) for seed in args.seeds for name in args.variants]
+    for name, seed in runs:
+        template = VARIANTS[name]
+        key = name if len(args.seeds) == 1 else f"{name}/seed{seed}"
+        adapter = args.work / key.replace("/", "-")
         start = time.perf_counter()
         result = train(TrainArgs(base_model=str(base), task="seq-cls", train_file=str(DATA / "train.jsonl"),
                                  eval_file=str(DATA / "test.jsonl"), output=str(adapter), template=template,
-                                 epochs=6, learning_rate=3e-2, batch_size=16, seed=42, quiet=True))
-        entry = {"template": template, "train_s": round(time.perf_counter() - start, 1),
+                                 epochs=6, learning_rate=3e-2, batch_size=16, seed=seed, quiet=True))
+        entry = {"template": template, "seed": seed, "train_s": round(time.perf_counter() - start, 1),
                  "accuracy_per_epoch": [round(e["accuracy"], 4) for e in result.evals],
                  "accuracy": result.evals[-1]["accuracy"]}
-        if name in EXPORTED and not args.no_export:
+        if name in EXPORTED and not args.no_export and seed == args.seeds[0]:
             start = time.perf_counter()
-            exported = export(base, adapter, args.work / f"{name}-onnx", progress=False, overwrite=True)
+            exported = export(base, adapter, args.work / f"{key.replace('/', '-')}-onnx", progress=False,
+                              overwrite=True)
             model = runtime.load(exported.path, provider="cpu")
             predictions = model.classify([{"text": row["text"]} for row in rows])
             entry.update(export_s=round(time.perf_counter() - start, 1),
@@ -64,8 +73,8 @@ def main(argv=None) -> int:
                              exported.report["negative_control"]["max_abs_diff"].values()),
                          onnx_accuracy=sum(p["label"] == r["label"] for p, r in zip(predictions, rows, strict=True))
                          / len(rows))
-        results["variants"][name] = entry
-        print(json.dumps({name: entry}), flush=True)
+        results["variants"][key] = entry
+        print(json.dumps({key: entry}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True))
     for name, entry in results["variants"].items():
