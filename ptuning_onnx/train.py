@@ -39,7 +39,7 @@ from .config import PromptEncoderConfig, TaskType, parse_task
 from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
 from .errors import ConfigError, TrainingDivergedError
 from .reference import PTuningModel, freeze_base, head_modules, head_state, load_base, new_encoder
-from .reference_template import check_task, reference_for
+from .reference_template import reference_for
 from .template import parse as parse_template
 
 __all__ = ["LOG_NAME", "PLOT_NAME", "RUN_DEFINING", "STATE_FORMAT", "TrainArgs", "TrainResult", "epoch_order",
@@ -93,7 +93,6 @@ class TrainArgs:
             parsed = parse_template(self.template)  # TemplateError (a ConfigError) names the problem
             if parse_task(self.task) not in (TaskType.SEQ_CLS, TaskType.CAUSAL_LM):
                 raise ConfigError(f"--template trains seq-cls and causal-lm, not {self.task}")
-            check_task(parsed, parse_task(self.task))
             self.num_virtual_tokens = parsed.num_virtual_tokens  # one encoder makes every slot's tokens
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")

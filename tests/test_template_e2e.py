@@ -52,6 +52,8 @@ def trained(tmp_path_factory, torch_one_thread):
         "nli": _train(tmp, "nli", "seq-cls", "bert", nli, template="{premise} ? <p:2> {hypothesis}"),
         "lm": _train(tmp, "lm", "causal-lm", "gpt2", [{"text": t} for t in CORPUS],
                      template="<p:2> {text} <p:3> It was"),
+        "lm-suffix": _train(tmp, "lm-suffix", "causal-lm", "gpt2", [{"text": t} for t in CORPUS],
+                            template="{text} <p:3> so", encoder_type="lstm"),
     }
 
 
@@ -116,10 +118,10 @@ def exported(trained, tmp_path_factory):
     tmp, _ = trained
     out = tmp_path_factory.mktemp("templated-exports")
     return {name: export(MODELS / model, tmp / name, out / name, progress=False)
-            for name, model in (("anchor", "bert"), ("nli", "bert"), ("lm", "gpt2"))}
+            for name, model in (("anchor", "bert"), ("nli", "bert"), ("lm", "gpt2"), ("lm-suffix", "gpt2"))}
 
 
-@pytest.mark.parametrize("name", ["anchor", "nli", "lm"])
+@pytest.mark.parametrize("name", ["anchor", "nli", "lm", "lm-suffix"])
 def test_export_parity_with_padded_rows_and_negative_control(exported, name):
     result = exported[name]
     report, manifest = result.report, result.manifest
@@ -136,7 +138,7 @@ def test_a_perturbed_inline_slot_fails_the_same_tolerance(exported):
     from ptuning_onnx.export.exporter import load_reference
     from ptuning_onnx.parity import check_parity
 
-    for name, model in (("anchor", "bert"), ("lm", "gpt2")):
+    for name, model in (("anchor", "bert"), ("lm", "gpt2"), ("lm-suffix", "gpt2")):
         folder = exported[name].path
         manifest = mf.read_manifest(folder, verify=False)
         ref = load_reference(MODELS / model, manifest["adapter"]["path"])
@@ -167,15 +169,16 @@ def test_runtime_applies_the_template_and_equals_the_reference(trained, exported
         with torch.no_grad():
             want = torch.cat([ref(torch.tensor([row])).logits for row in ids]).numpy()  # each row alone
         assert np.abs(got - want).max() < 1e-4
-    lm = runtime.load(exported["lm"].path)
-    ref = load_reference(MODELS / "gpt2", tmp / "lm")
     tok = AutoTokenizer.from_pretrained(MODELS / "gpt2")
-    prompts = ["The sun rises", "Water boils at one hundred"]
-    got = lm.generate([{"text": p} for p in prompts], max_new_tokens=6, eos_token_id=[])
-    for prompt, text in zip(prompts, got, strict=True):
-        ids = ref.template.inputs({"text": prompt}, lambda s: tok(s, add_special_tokens=False)["input_ids"], 1000)
-        want = ref.greedy(torch.tensor([ids]), max_new_tokens=6)[0].tolist()
-        assert text == tok.decode(want, skip_special_tokens=True)
+    for name in ("lm", "lm-suffix"):  # a left-padded batch of two prompts; each row against the reference alone
+        lm = runtime.load(exported[name].path)
+        ref = load_reference(MODELS / "gpt2", tmp / name)
+        prompts = ["The sun rises", "Water boils at one hundred"]
+        got = lm.generate([{"text": p} for p in prompts], max_new_tokens=6, eos_token_id=[])
+        for prompt, text in zip(prompts, got, strict=True):
+            ids = ref.template.inputs({"text": prompt}, lambda s: tok(s, add_special_tokens=False)["input_ids"], 1000)
+            want = ref.greedy(torch.tensor([ids]), max_new_tokens=6)[0].tolist()
+            assert text == tok.decode(want, skip_special_tokens=True)
     # Placeholders are not tokens a repetition penalty could index (ids >= vocab_size).
     assert len(lm.generate("The sun rises", max_new_tokens=3, repetition_penalty=1.3, eos_token_id=[])) > 0
 
@@ -211,8 +214,8 @@ def test_cli_template_errors_are_one_line(tmp_path, capsys):
     for argv, message in (
             (["--base-model", str(MODELS / "bert"), "--task", "seq-cls", "--template", "<p:0> {text}"],
              "positive integer"),
-            (["--base-model", str(MODELS / "gpt2"), "--task", "causal-lm", "--template", "{text} <p:3> so"],
-             "must open with a virtual slot"),
+            (["--base-model", str(MODELS / "gpt2"), "--task", "causal-lm", "--template", "<p:2> {text"],
+             "unbalanced '{'"),
             (["--base-model", str(MODELS / "bert"), "--task", "token-cls", "--template", "<p:2> {text}"],
              "trains seq-cls and causal-lm")):
         assert main(argv + base) == 2
