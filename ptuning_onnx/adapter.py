@@ -6,6 +6,8 @@ Layout::
     adapter_model.safetensors    prompt_embeddings [total_virtual_tokens, token_dim] (encoder OUTPUT, eval mode)
                                  + base_model.<module>.<param> for modules_to_save (e.g. a classifier)
     labels.json                  (ours, optional) label names for classification tasks
+    template.json                (ours, optional) the P-tuning template, {"template": "<p:4> {text} ..."}; its
+                                 virtual tokens are the table's rows, numbered across the slots (template.py)
     training_state/              (ours, optional) what resuming needs:
         encoder.safetensors      the full prompt-encoder weights (embedding, mlp_head, lstm_head)
         optimizer.safetensors    optimizer tensors, flattened; scalars live in state.json
@@ -33,6 +35,7 @@ from .errors import AdapterError, ConfigError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LABELS_NAME = "labels.json"
+TEMPLATE_NAME = "template.json"
 STATE_DIR = "training_state"
 PROMPT_KEY = "prompt_embeddings"
 BASE_PREFIX = "base_model."
@@ -48,6 +51,7 @@ class Adapter:
     prompt_embeddings: torch.Tensor  # (total_virtual_tokens, token_dim)
     head_weights: dict = field(default_factory=dict)
     labels: Optional[list] = None
+    template: Optional[str] = None  # template source; None = PEFT's prefix
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -113,7 +117,23 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         labels = data.get("labels") if isinstance(data, dict) else None
         if not isinstance(labels, list) or not labels or not all(isinstance(x, (str, int)) for x in labels):
             raise AdapterError(f"{folder / LABELS_NAME} must be {{\"labels\": [names...]}}, got {str(data)[:80]}")
-    return Adapter(config=config, prompt_embeddings=table.float(), head_weights=head, labels=labels)
+    template = None
+    if (folder / TEMPLATE_NAME).is_file():
+        data = read_json(folder / TEMPLATE_NAME, "template file")
+        template = data.get("template") if isinstance(data, dict) else None
+        if not isinstance(template, str):
+            raise AdapterError(f"{folder / TEMPLATE_NAME} must be {{\"template\": \"...\"}}, got {str(data)[:80]}")
+        from .template import TemplateError, parse
+
+        try:
+            total = parse(template).num_virtual_tokens
+        except TemplateError as exc:
+            raise AdapterError(f"{folder / TEMPLATE_NAME}: {exc}") from None
+        if total != config.num_virtual_tokens:
+            raise AdapterError(f"{folder / TEMPLATE_NAME}: the template has {total} virtual tokens but the adapter "
+                               f"config says num_virtual_tokens={config.num_virtual_tokens}")
+    return Adapter(config=config, prompt_embeddings=table.float(), head_weights=head, labels=labels,
+                   template=template)
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter) -> Path:
@@ -135,12 +155,15 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter) -> Path:
         if adapter.labels is not None:
             with open(tmp / LABELS_NAME, "w", encoding="utf-8") as fh:
                 json.dump({"labels": list(adapter.labels)}, fh, indent=2)
+        if adapter.template is not None:
+            with open(tmp / TEMPLATE_NAME, "w", encoding="utf-8") as fh:
+                json.dump({"template": adapter.template}, fh, indent=2)
 
     atomic_write_dir(folder, write, owned=OWNED, keep=[STATE_DIR])
     return folder
 
 
-OWNED = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, STATE_DIR)
+OWNED = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, TEMPLATE_NAME, STATE_DIR)
 
 
 # ---- training state (resume) ------------------------------------------------------------------------------

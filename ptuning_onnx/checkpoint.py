@@ -29,7 +29,8 @@ STATE_FORMAT = 1
 # Arguments that define the optimisation trajectory; a resume that changes one would not match any single run.
 # epochs, max_steps, eval_file, device and quiet may change between runs.
 RUN_DEFINING = ("task", "num_virtual_tokens", "encoder_type", "encoder_hidden_size", "encoder_num_layers",
-                "encoder_dropout", "batch_size", "learning_rate", "grad_accum", "seed", "mixed_precision")
+                "encoder_dropout", "batch_size", "learning_rate", "grad_accum", "seed", "mixed_precision",
+                "template")
 HEAD_PREFIX = "head."
 
 

@@ -148,9 +148,10 @@ def collect_labels(path: Union[str, os.PathLike], task: TaskType) -> list:
 
 
 def load_task_data(path: Union[str, os.PathLike], task: Union[str, TaskType], base: BaseInfo, *,
-                   num_virtual_tokens: int, labels: Optional[list] = None) -> TaskData:
+                   num_virtual_tokens: int, labels: Optional[list] = None, template=None) -> TaskData:
     """Read, validate and tokenise a JSONL file. ``labels`` (from the train file) is required for seq-cls and
-    token-cls; a label outside it is an error naming the row."""
+    token-cls; a label outside it is an error naming the row. ``template``: a parsed template (template.py) that
+    builds each row's ids from its fields (template_data.py); then ``num_virtual_tokens`` is its leading slot's."""
     task = TaskType(task)
     path = Path(path)
     if task not in _FIELDS:
@@ -160,8 +161,13 @@ def load_task_data(path: Union[str, os.PathLike], task: Union[str, TaskType], ba
     examples = []
     for number, obj in read_jsonl(path):
         ctx = _Row(path, number, task, base, label_ids)
-        ids, target = ctx.parse(obj)
-        ctx.check_ids(ids, "input_ids")
+        if template is not None:
+            from .template_data import parse_row
+
+            ids, target = parse_row(ctx, obj, template)  # ids may hold placeholders past the vocabulary
+        else:
+            ids, target = ctx.parse(obj)
+            ctx.check_ids(ids, "input_ids")
         ctx.check_length(len(ids), num_virtual_tokens)
         if task == TaskType.SEQ_2_SEQ_LM:
             ctx.check_ids(target, "target ids")

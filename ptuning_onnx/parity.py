@@ -123,7 +123,13 @@ def _run_outputs(graphs: _Graphs, manifest: dict, task: TaskType, seed: int, bat
     cfg = manifest["model"]
     vocab, limit = cfg["vocab_size"], cfg["max_user_tokens"]
     results = []
-    for ids, mask in _cases(vocab, None if limit is None else limit - GREEDY_STEPS, cfg["padding_side"], seed):
+    cases = _cases(vocab, None if limit is None else limit - GREEDY_STEPS, cfg["padding_side"], seed)
+    if manifest.get("template"):  # inline virtual slots: placeholder ids in the inputs (parity_template.py)
+        from .parity_template import template_cases
+
+        cases = template_cases(manifest["template"], vocab, None if limit is None else limit - GREEDY_STEPS,
+                               cfg["padding_side"], seed, BATCHES, LENGTHS)
+    for ids, mask in cases:
         dec_ids = np.random.default_rng(seed + 1).integers(0, vocab, size=(ids.shape[0], 3), dtype=np.int64)
         if ids.shape[0] in batches:
             results.append(_run_case(graphs, task, ids, mask, dec_ids))
@@ -302,9 +308,12 @@ def _check_names(graphs: _Graphs, manifest: dict) -> list:
 
 def perturbed(ref: PTuningModel, seed: int = 0) -> PTuningModel:
     """The negative control: the same base with a clearly different prompt."""
-    table = ref.prompt_embeds(1)[0].detach().float()
+    templated = hasattr(ref, "with_prompt")  # every slot's rows, not only the prefix (reference_template.py)
+    table = (ref.prompt_rows() if templated else ref.prompt_embeds(1)[0]).detach().float()
     noise = torch.randn(table.shape, generator=torch.Generator().manual_seed(seed))
     scale = max(float(table.abs().max()), 1.0)
+    if templated:
+        return ref.with_prompt((table + noise * scale).to(ref.base.dtype))
     return PTuningModel(ref.base, (table + noise * scale).to(ref.base.dtype), ref.task).eval()
 
 

@@ -186,6 +186,10 @@ class PTuningModel(nn.Module):
             table = self.table
         return table.to(self.base.dtype).unsqueeze(0).expand(batch, -1, -1)
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) embeddings of the user's ids; a template's model (reference_template.py) maps placeholders."""
+        return self.base.get_input_embeddings()(input_ids)
+
     def user_positions(self, attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         """Positions of the last ``seq`` user slots: n + (index among the row's real tokens). Pads get n."""
         seq = attention_mask.shape[1] - past_length
@@ -198,7 +202,7 @@ class PTuningModel(nn.Module):
         batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.base.get_input_embeddings()(input_ids)
+        embeds = self.embed_tokens(input_ids)
         ones = torch.ones(batch, self.n, dtype=attention_mask.dtype, device=attention_mask.device)
         kwargs = {
             "inputs_embeds": torch.cat([self.prompt_embeds(batch), embeds], dim=1),

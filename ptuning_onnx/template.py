@@ -70,6 +70,52 @@ class Template:
         kinds = [type(s) for s in self.segments if not (isinstance(s, Text) and not s.text.strip())]
         return kinds == [Virtual, Field]
 
+    @property
+    def leading(self) -> int:
+        """Virtual tokens of a slot that opens the template (0 if it opens with text or a field). They go before
+        everything, the model's own special tokens included, exactly where PEFT's prefix goes (and a causal-lm
+        export keeps their keys/values precomputed); the other slots are placeholders inside the input."""
+        first = next((s for s in self.segments if not (isinstance(s, Text) and not s.text.strip())), None)
+        return first.count if isinstance(first, Virtual) else 0
+
+    @property
+    def inline_slots(self) -> tuple:
+        """(first, count) of each slot that is not the leading one, in order."""
+        slots = tuple((s.first, s.count) for s in self.segments if isinstance(s, Virtual))
+        return slots[1:] if self.leading else slots
+
+    def inputs(self, row: dict, encode: Callable[[str], Sequence[int]], vocab_size: int,
+               special: tuple = ((), ())) -> list:
+        """The ids a model (or an exported graph) takes for ``row``: the rendered template WITHOUT its leading slot
+        (the model puts that in front itself), inside the model's special tokens ``special = (prefix, suffix)``
+        (see ``special_tokens``). Inline virtual tokens are placeholders ``vocab_size + k``."""
+        ids, _ = self.render(row, encode, vocab_size)
+        return [*special[0], *ids[self.leading:], *special[1]]
+
+    def check_inputs(self, ids: Sequence[int], vocab_size: int, where: Optional[str] = None) -> None:
+        """``ids`` (one row's real tokens, as ``inputs`` makes them) must hold each inline slot's placeholders, in
+        order and together, and no placeholder anywhere else. Raises ``TemplateError`` naming the position."""
+        prefix = f"{where}: " if where else ""
+        found = [(i, int(t)) for i, t in enumerate(ids) if t >= vocab_size]
+        want = [vocab_size + first + k for first, count in self.inline_slots for k in range(count)]
+        if [t for _, t in found] != want:
+            got = [t for _, t in found]
+            if len(got) > len(want) or any(t - vocab_size >= self.num_virtual_tokens or
+                                           t - vocab_size < self.leading for t in got):
+                bad = next((i, t) for i, t in found if t not in want or got.count(t) > 1)
+                raise TemplateError(f"{prefix}placeholder id {bad[1]} at position {bad[0]}, which is not a virtual "
+                                    f"slot of the template {self.source!r} (its inline placeholders are "
+                                    f"{_span(want)})")
+            raise TemplateError(f"{prefix}the template {self.source!r} needs placeholders {_span(want)} in its "
+                                f"slots, in order; found {_span(got) if got else 'none'}")
+        k = 0
+        for _first, count in self.inline_slots:
+            block = [i for i, _ in found[k:k + count]]
+            if block != list(range(block[0], block[0] + count)):
+                raise TemplateError(f"{prefix}the {count} placeholders of one virtual slot must be adjacent, found at "
+                                    f"positions {block}")
+            k += count
+
     def render(self, row: dict, encode: Callable[[str], Sequence[int]], vocab_size: int) -> tuple[list, list]:
         """-> (ids, virtual positions): the row's tokens with each virtual token as placeholder ``vocab_size + k``.
 
@@ -145,6 +191,26 @@ def parse(source: str) -> Template:
         raise TemplateError(f"template {source!r} has {template.num_virtual_tokens} virtual tokens; at most "
                             f"{MAX_VIRTUAL_TOKENS}")
     return template
+
+
+def _span(ids: Sequence[int]) -> str:
+    ids = list(ids)
+    if len(ids) > 3 and ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]}..{ids[-1]}"
+    return str(ids)
+
+
+def special_tokens(with_special: Sequence[int], without: Sequence[int]) -> tuple:
+    """(prefix, suffix): the special tokens a tokenizer puts around a text, from one text tokenized with and
+    without them (BERT: ([CLS], [SEP]); GPT-2: ((), ())). Training and the runtime both derive them this way."""
+    with_special, without = list(with_special), list(without)
+    for i in range(len(with_special) - len(without) + 1):
+        if with_special[i:i + len(without)] == without:
+            return tuple(with_special[:i]), tuple(with_special[i + len(without):])
+    raise TemplateError("the tokenizer's special tokens change the text's own tokens; templates cannot wrap it")
+
+
+PROBE = "hello world"  # any text: special_tokens only needs to find it inside its specials
 
 
 def check_placeholders(ids: Sequence[int], positions: Sequence[int], vocab_size: int,

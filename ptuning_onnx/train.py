@@ -39,6 +39,8 @@ from .config import PromptEncoderConfig, TaskType, parse_task
 from .dataset import BaseInfo, TaskData, collate, collect_labels, inspect_base, load_task_data
 from .errors import ConfigError, TrainingDivergedError
 from .reference import PTuningModel, freeze_base, head_modules, head_state, load_base, new_encoder
+from .reference_template import reference_for
+from .template import parse as parse_template
 
 __all__ = ["LOG_NAME", "PLOT_NAME", "RUN_DEFINING", "STATE_FORMAT", "TrainArgs", "TrainResult", "epoch_order",
            "evaluate", "resolve_device", "train"]
@@ -54,6 +56,9 @@ class TrainArgs:
     output: str = field(metadata={"help": "Folder for the adapter, the checkpoint and the log"})
     eval_file: Optional[str] = field(default=None, metadata={"help": "JSONL rows evaluated after every epoch"})
     num_virtual_tokens: int = field(default=20, metadata={"help": "Number of virtual tokens"})
+    template: Optional[str] = field(default=None, metadata={
+        "help": "P-tuning template, e.g. '<p:4> {text} <p:3> It was' (template.py); its slots set the number of "
+                "virtual tokens"})
     encoder_type: str = field(default="mlp", metadata={"help": "Prompt encoder: mlp or lstm"})
     encoder_hidden_size: Optional[int] = field(default=None, metadata={"help": "Encoder width (default: model's)"})
     encoder_num_layers: int = field(default=2, metadata={"help": "LSTM layers (the MLP always has 2)"})
@@ -84,6 +89,11 @@ class TrainArgs:
             raise ConfigError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         if not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        if self.template is not None:
+            parsed = parse_template(self.template)  # TemplateError (a ConfigError) names the problem
+            if parse_task(self.task) not in (TaskType.SEQ_CLS, TaskType.CAUSAL_LM):
+                raise ConfigError(f"--template trains seq-cls and causal-lm, not {self.task}")
+            self.num_virtual_tokens = parsed.num_virtual_tokens  # one encoder makes every slot's tokens
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -186,12 +196,14 @@ def _train(args: TrainArgs, task: TaskType, output: Path, world: dist_.World, de
         raise ConfigError(f"--base-model {args.base_model} is not a model folder (no config.json)")
     info = inspect_base(args.base_model)
     labels = collect_labels(args.train_file, task) if task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None
-    train_data = load_task_data(args.train_file, task, info, num_virtual_tokens=args.num_virtual_tokens,
-                                labels=labels)
+    template = parse_template(args.template) if args.template else None
+    virtual = template.leading if template is not None else args.num_virtual_tokens  # positions before the input
+    train_data = load_task_data(args.train_file, task, info, num_virtual_tokens=virtual, labels=labels,
+                                template=template)
     eval_data = None
     if args.eval_file:
-        eval_data = load_task_data(args.eval_file, task, info, num_virtual_tokens=args.num_virtual_tokens,
-                                   labels=labels)
+        eval_data = load_task_data(args.eval_file, task, info, num_virtual_tokens=virtual, labels=labels,
+                                   template=template)
     train_hash = sha256_file(args.train_file)
     if state is not None:
         check_resumable(state["meta"], asdict(args), train_hash, output)
@@ -205,7 +217,7 @@ def _train(args: TrainArgs, task: TaskType, output: Path, world: dist_.World, de
             encoder_hidden_size=args.encoder_hidden_size, encoder_num_layers=args.encoder_num_layers,
             encoder_dropout=args.encoder_dropout, task_type=task, base_model_name_or_path=str(args.base_model),
             modules_to_save=head_modules(base) or None)
-        model = PTuningModel(base, new_encoder(config, base), task)
+        model = reference_for(base, new_encoder(config, base), task, template)
         params = freeze_base(model)
         model.to(device)
         base.eval()  # frozen: its dropout would only add noise; the encoder's own dropout stays on
@@ -359,7 +371,7 @@ class _Run:
 
     def adapter(self) -> Adapter:
         return Adapter(config=self.config, prompt_embeddings=self.model.encoder.bake().cpu(),
-                       head_weights=head_state(self.model.base), labels=self.labels)
+                       head_weights=head_state(self.model.base), labels=self.labels, template=self.args.template)
 
     # ---- checkpoints (see checkpoint.py) ---------------------------------------------------------------------
 

@@ -62,3 +62,18 @@ def test_render_errors_name_the_field(encode):
         t.render({"premise": "x"}, encode, 1000)
     with pytest.raises(TemplateError, match="must be a string, got int"):
         t.render({"premise": "x", "hypothesis": 3}, encode, 1000)
+
+
+def test_leading_slot_inline_slots_and_model_inputs(encode):
+    from ptuning_onnx.template import special_tokens
+
+    t = parse("<p:3> {text} <p:2> It was")
+    assert t.leading == 3 and t.inline_slots == ((3, 2),)
+    assert parse("{premise} ? <p:2> {hypothesis}").leading == 0
+    assert parse("{premise} ? <p:2> {hypothesis}").inline_slots == ((0, 2),)
+    ids = t.inputs({"text": "the cat"}, encode, 1000, special=((7,), (8,)))
+    assert ids == [7, *encode("the cat"), 1003, 1004, *encode(" It was"), 8]  # the leading slot is the model's
+    t.check_inputs(ids, 1000)
+    assert special_tokens([101, 5, 6, 102], [5, 6]) == ((101,), (102,)) and special_tokens([5, 6], [5, 6]) == ((), ())
+    with pytest.raises(TemplateError, match="change the text's own tokens"):
+        special_tokens([101, 9, 102], [5, 6])

@@ -22,7 +22,7 @@ EXIT_FAILED = 1  # the input was usable but the run failed; 2 (bad input) comes 
 
 TRAIN_TASKS = [name for name in CLI_TASKS if name != "feature-extraction"]  # no training objective for it
 # Defaults mirror TrainArgs (a test checks they agree); duplicated so --help does not import torch.
-DEFAULTS = dict(num_virtual_tokens=20, encoder_type="mlp", encoder_hidden_size=None, encoder_num_layers=2,
+DEFAULTS = dict(num_virtual_tokens=20, template=None, encoder_type="mlp", encoder_hidden_size=None, encoder_num_layers=2,
                 encoder_dropout=0.0, epochs=3, max_steps=None, save_steps=None, batch_size=8, learning_rate=1e-3,
                 grad_accum=1, seed=42, device="auto")
 
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-file", metavar="F.jsonl", help="held-out rows, evaluated before training and per epoch")
     enc = p.add_argument_group("prompt encoder")
     enc.add_argument("--num-virtual-tokens", type=int, metavar="N", help="virtual tokens (default: %(default)s)")
+    enc.add_argument("--template", metavar="T",
+                     help="P-tuning template: virtual slots <p:k>, row fields {text}, anchor words, e.g. "
+                          "'<p:10> {text} <p:10> It was' (seq-cls, causal-lm); its slots replace --num-virtual-tokens")
     enc.add_argument("--encoder-type", choices=["mlp", "lstm"], help="(default: %(default)s)")
     enc.add_argument("--encoder-hidden-size", type=int, metavar="N", help="(default: the model's hidden size)")
     enc.add_argument("--encoder-num-layers", type=int, metavar="N", help="LSTM layers (default: %(default)s)")

@@ -48,6 +48,8 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
         from . import build_llama
 
         why_not = build_llama.unsupported(config)
+        if why_not is None and getattr(ref, "template", None) is not None:
+            why_not = "a templated adapter (placeholder ids in input_ids are not mapped by the fused graph)"
         if why_not is None:
             entry = _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
                                  lambda path, candidate: _build(build_llama, ref, path, candidate, external_data))

@@ -77,6 +77,9 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
             loaded[name] = load_adapter(path)
         except PtuningError as exc:
             raise ConfigError(f"adapter {name!r} ({path}): {exc}") from None
+    templated = [name for name, adapter in loaded.items() if adapter.template is not None]
+    if templated:
+        raise ConfigError(f"adapter {templated[0]!r} has a template; templated adapters are exported one by one")
     tasks = {}
     for name, adapter in loaded.items():
         wanted = task or adapter.config.task_type

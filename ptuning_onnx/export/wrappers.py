@@ -93,14 +93,17 @@ class CausalLMGraph(nn.Module):
         super().__init__()
         self.model = ref.base
         self.n = ref.n
+        # A template's model (reference_template.py) also fills placeholder ids inside input_ids from its table.
+        self.templated = ref if getattr(ref, "template", None) is not None else None
         with torch.no_grad():
-            prompt = ref.prompt_embeds(1)
-            positions = torch.arange(self.n).unsqueeze(0) + ref.position_offset
+            # A template that opens with text has no prefix (n = 0): one token's cache, cut to none, gives the shapes.
+            prompt = ref.prompt_embeds(1) if self.n else ref.base.get_input_embeddings().weight[:1].unsqueeze(0)
+            positions = torch.arange(prompt.shape[1]).unsqueeze(0) + ref.position_offset
             kwargs = {"position_ids": positions} if ref._takes_positions else {}
             out = ref.base(inputs_embeds=prompt, use_cache=True, **kwargs)
         self.offset = self.n + ref.position_offset  # user position p sits at model position n + offset + p
         self.takes_positions = ref._takes_positions
-        legacy = _layers(out.past_key_values)
+        legacy = [(key[:, :, :self.n], value[:, :, :self.n]) for key, value in _layers(out.past_key_values)]
         self.num_layers = len(legacy)
         for i, (key, value) in enumerate(legacy):
             self.register_buffer(f"prompt_key_{i}", key.detach().clone())  # (1, KV, n, Dh)
@@ -118,20 +121,24 @@ class CausalLMGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, past, logits_to_keep):
         batch = input_ids.shape[0]
-        cache = []
-        for i in range(self.num_layers):
-            key = getattr(self, f"prompt_key_{i}").expand(batch, -1, -1, -1)
-            value = getattr(self, f"prompt_value_{i}").expand(batch, -1, -1, -1)
-            cache.append((torch.cat([key, past[2 * i]], 2), torch.cat([value, past[2 * i + 1]], 2)))
-        ones = torch.ones_like(attention_mask[:, :1]).expand(-1, self.n)
-        mask = torch.cat([ones, attention_mask], 1)
+        cache, mask = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)], attention_mask
+        if self.n:  # no zero-size prompt tensors in the graph: onnxruntime's optimizer mis-folds them (FORMAT.md)
+            cache = []
+            for i in range(self.num_layers):
+                key = getattr(self, f"prompt_key_{i}").expand(batch, -1, -1, -1)
+                value = getattr(self, f"prompt_value_{i}").expand(batch, -1, -1, -1)
+                cache.append((torch.cat([key, past[2 * i]], 2), torch.cat([value, past[2 * i + 1]], 2)))
+            ones = torch.ones_like(attention_mask[:, :1]).expand(-1, self.n)
+            mask = torch.cat([ones, attention_mask], 1)
         # Indices of the positions whose logits are wanted: the last k, or all when k == 0. Built from tensor
         # ops so the trace keeps them dynamic.
         steps = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1  # (S,) = 0..S-1
         seq = steps[-1:] + 1
         keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
         index = steps[steps >= seq - keep]
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
+        inputs = ({"input_ids": input_ids} if self.templated is None
+                  else {"inputs_embeds": self.templated.embed_tokens(input_ids)})
+        kwargs = dict(**inputs, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids + self.offset
         if self._keep_native:

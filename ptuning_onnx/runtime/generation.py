@@ -59,9 +59,10 @@ class TokenChooser:
         self.finished = np.zeros(batch, bool)
         self.seen = None
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
-            # Only real tokens count as "already generated or given": padding must not change a row's result.
+            # Only real tokens count as "already generated or given": padding must not change a row's result, and
+            # a template's placeholders (ids >= vocab, runtime/templating.py) are no token that can come again.
             self.seen = np.zeros((batch, vocab), bool)
-            rows, cols = np.nonzero(seen_mask)
+            rows, cols = np.nonzero((seen_mask != 0) & (seen_ids < vocab))
             self.seen[rows, seen_ids[rows, cols]] = True
 
     @property

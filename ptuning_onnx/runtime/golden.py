@@ -181,7 +181,7 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
     report: dict = {"gate": "quantized" if quantized else "exact", "task": task, "dtype": dtype,
                     "quantize": quantize, "provider": first[0], "providers": model.providers,
                     "device": model.device, "folder": str(model.path)}
-    cases = _cases(golden, task, model.vocab_size, model.adapters)
+    cases = _cases(golden, task, model.id_limit, model.adapters)  # a template's placeholders included
     columns = golden.get("logits.columns")  # large vocabularies: the reference keeps a column subset
     if columns is not None and (columns.ndim != 1 or columns.dtype.kind != "i" or columns.size == 0
                                 or columns.min() < 0 or columns.max() >= model.vocab_size):
@@ -222,7 +222,7 @@ def verify_golden(model_or_folder: Union[RuntimeModel, str, os.PathLike], provid
             raise ManifestError(f"golden.npz has decoding steps but {task} does not generate")
         tokens, want_logits = golden["greedy.tokens"], _array(golden, "greedy.reference.logits")
         ids, mask = check_batch(_array(golden, "greedy.input_ids"), _array(golden, "greedy.attention_mask"),
-                                vocab_size=model.vocab_size)
+                                vocab_size=model.id_limit)
         forced = _Forced(check_batch(tokens, None, vocab_size=model.vocab_size)[0])
         prompt_ids = _prompt_ids(golden, "greedy.prompt_ids", model.adapters, ids.shape[0])
         for _ in model._steps(ids, mask, forced, GenerationParams(max_new_tokens=int(tokens.shape[1])), prompt_ids):

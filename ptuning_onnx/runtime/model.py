@@ -21,6 +21,7 @@ from .. import manifest as mf
 from ..errors import ConfigError, ManifestError
 from . import generation as gen
 from .session import build_sessions, log
+from .templating import load_template
 from .tokenizer import load_tokenizer, require
 from .validation import (AttentionMaskError, GenerationParams, InputError, check_batch, check_length,
                          check_new_tokens, check_prompt_ids, check_texts, eos_ids)
@@ -54,6 +55,10 @@ class RuntimeModel:
         self.pad_token_id = int(next(v for v in (pad, first_eos, 0) if v is not None))
         self.eos_token_id = eos
         self.tokenizer = load_tokenizer(folder, manifest, self.pad_token_id)
+        # A templated export (runtime/templating.py): texts are rows of fields, ids may hold the template's
+        # placeholders (vocab_size + k) in its slots and nowhere else.
+        self.template = load_template(manifest, self.vocab_size)
+        self.id_limit = self.template.id_limit if self.template is not None else self.vocab_size
         self.padding_side = cfg.get("padding_side") or "right"
         self.padding_invariant = cfg.get("padding_invariant") is not False  # None: exported with --skip-verify
         # Multi-prompt folders (export/multi.py): {adapter name: prompt id}; None for a single-adapter export.
@@ -77,12 +82,17 @@ class RuntimeModel:
         if texts is not None and attention_mask is not None:
             raise InputError("attention_mask goes with input_ids; texts are tokenized and masked here")
         encoded, single = None, False
-        if texts is not None:
+        if texts is not None and self.template is not None:
+            encoded, single = self.template.encode(require(self.tokenizer, self.path), texts)
+            input_ids, attention_mask = encoded.input_ids, encoded.attention_mask
+        elif texts is not None:
             texts, single = check_texts(texts)
             encoded = require(self.tokenizer, self.path).encode(texts)
             input_ids, attention_mask = encoded.input_ids, encoded.attention_mask
-        ids, mask = check_batch(input_ids, attention_mask, vocab_size=self.vocab_size,
+        ids, mask = check_batch(input_ids, attention_mask, vocab_size=self.id_limit,
                                 padding_side=self.required_padding)
+        if self.template is not None:
+            self.template.check(ids, mask)
         if not self.padding_invariant and (mask == 0).any():
             raise AttentionMaskError(
                 f"{self.path} was exported from a model whose padded rows do not give what they give alone (parity "

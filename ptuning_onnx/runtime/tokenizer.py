@@ -54,6 +54,10 @@ class TextTokenizer:
             word_ids=[e.word_ids for e in encodings],
         )
 
+    def encode_plain(self, text: str) -> list:
+        """One text's ids without special tokens (a template's pieces, runtime/templating.py)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
