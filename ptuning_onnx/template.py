@@ -7,11 +7,12 @@
   are numbered 0..n-1 across the slots, left to right, and the encoder produces them as one sequence.
 - ``{field}`` inserts a field of the input row (a JSONL key); names are identifiers.
 - Everything else is literal text: anchor tokens, real vocabulary tokens that stay fixed. ``{{`` and ``}}`` are
-  literal braces. Whitespace is kept as written, except around virtual slots, which have no text of their own.
+  literal braces. Each piece (anchor text, field value) is tokenized on its own, so no token straddles two
+  pieces; text that is only whitespace (around a slot, or between two fields) adds no token.
 
 Torch-free (the runtime applies templates too). A rendered row is token ids where each virtual token is a
 placeholder id ``vocab_size + k``: the graph maps ids >= vocab_size to row k of the baked prompt table, the way
-TensorRT-LLM handles prompt tables. Only the template's own slots may hold placeholder ids (``check_placeholders``).
+TensorRT-LLM handles prompt tables. Only the template's own slots may hold placeholder ids (``check_inputs``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,13 @@ class Template:
             got = [t for _, t in found]
             if len(got) > len(want) or any(t - vocab_size >= self.num_virtual_tokens or
                                            t - vocab_size < self.leading for t in got):
-                bad = next((i, t) for i, t in found if t not in want or got.count(t) > 1)
+                seen: set = set()
+                bad = found[-1]
+                for i, t in found:  # the first placeholder out of place: outside the slots, or a repeat
+                    if t not in want or t in seen:
+                        bad = (i, t)
+                        break
+                    seen.add(t)
                 raise TemplateError(f"{prefix}placeholder id {bad[1]} at position {bad[0]}, which is not a virtual "
                                     f"slot of the template {self.source!r} (its inline placeholders are "
                                     f"{_span(want)})")
@@ -165,7 +172,7 @@ def parse(source: str) -> Template:
                                 "(write {{ or }} for a literal brace)")
         elif token.startswith("<p:"):
             count = match.group(1)
-            if not count.isdigit() or int(count) < 1:
+            if not re.fullmatch(r"[0-9]+", count) or int(count) < 1:
                 raise TemplateError(f"{token!r} at column {match.start() + 1}: the number of virtual tokens must be "
                                     "a positive integer, as in <p:4>")
             flush()

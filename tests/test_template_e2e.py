@@ -200,10 +200,62 @@ def test_runtime_refuses_misplaced_placeholders(exported):
         with pytest.raises(PlaceholderError if "outside" not in message else InputError, match=message):
             model.classify(input_ids=[ids])
     with pytest.raises(InputError, match="row 0: the row has no field 'text'"):
+        model.classify({})
+    with pytest.raises(InputError, match="row 0 has field\\(s\\) 'txt' that the template"):
         model.classify({"txt": "x"})
+    with pytest.raises(PlaceholderError, match="placeholder id 1004 at position 5"):  # the repeat, not the first
+        model.classify(input_ids=[[2, 50, v + 3, v + 4, 60, v + 4, 3]])
     nli = runtime.load(exported["nli"].path)
     with pytest.raises(InputError, match="takes fields premise, hypothesis"):
         nli.classify("a plain string")
+    with pytest.raises(InputError, match="field 'premise' is empty"):
+        nli.classify({"premise": " ", "hypothesis": "it rains"})
+
+
+def test_a_malformed_template_entry_is_a_manifest_error(exported, tmp_path):
+    import json
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx import runtime
+    from ptuning_onnx.errors import ManifestError
+
+    for change, message in (({"source": None}, "no template source"), ({"source": "<p:²> {text}"}, "positive"),
+                            ({"placeholder_base": 7}, "not at the vocabulary's end")):
+        folder = tmp_path / str(len(message))
+        shutil.copytree(exported["anchor"].path, folder)
+        manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
+        manifest["template"].update(change)
+        (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+        with pytest.raises(ManifestError, match=message):
+            runtime.load(folder)
+
+
+def test_service_takes_rows_of_fields(exported):
+    """The REAL server on a two-field (NLI) template: rows of fields in, the runtime's answers out; /v1/model is
+    the same folder."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from ptuning_onnx import runtime
+    from test_serve import Server
+
+    folder = exported["nli"].path
+    rows = [{"premise": "the cat sat", "hypothesis": "a cat"}, {"premise": "rain", "hypothesis": "sun"}]
+    want = runtime.load(folder, provider="cpu", threads=1).classify(rows)
+    server = Server(folder, "--max-wait-ms", "20").wait()
+    try:
+        got = httpx.post(f"{server.url}/v1/classify", json={"texts": rows}, timeout=60)
+        assert got.status_code == 200, got.text
+        assert [r["label"] for r in got.json()["results"]] == [r["label"] for r in want]
+        np.testing.assert_allclose([r["logits"] for r in got.json()["results"]], [r["logits"] for r in want],
+                                   atol=1e-5)
+        one = httpx.post(f"{server.url}/v1/classify", json={"texts": rows[0]}, timeout=60).json()["results"]
+        assert len(one) == 1 and one[0]["label"] == want[0]["label"]
+        bad = httpx.post(f"{server.url}/v1/classify", json={"texts": [{"premise": "x"}]}, timeout=60)
+        assert bad.status_code == 400 and "hypothesis" in bad.json()["error"]["message"]
+    finally:
+        server.stop()
 
 
 def test_cli_template_errors_are_one_line(tmp_path, capsys):

@@ -151,7 +151,9 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                                    quantize, optimization, route)
         # onnxruntime-genai's sidecar, hashed below like every other file. genai sizes each present as its own
         # count of tokens, so a graph whose cache also holds the prompt's positions (a fused Llama) gets none.
-        if task == TaskType.CAUSAL_LM and not manifest["model"]["cache_holds_prompt"]:
+        # A templated graph needs placeholder ids that genai cannot make: without them it would run prefix-only.
+        if (task == TaskType.CAUSAL_LM and not manifest["model"]["cache_holds_prompt"]
+                and not manifest.get("template")):
             write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:

@@ -52,6 +52,13 @@ class RuntimeTemplate:
                 row = {fields[0]: row}
             if not isinstance(row, dict):
                 raise InputError(f"row {index} must be a dict of fields or a string, got {type(row).__name__}")
+            unknown = sorted(set(row) - set(fields))
+            if unknown:
+                raise InputError(f"row {index} has field(s) {', '.join(map(repr, unknown))} that the template "
+                                 f"{self.template.source!r} does not take (it takes {', '.join(fields)})")
+            empty = [name for name in fields if isinstance(row.get(name), str) and not row[name].strip()]
+            if empty:
+                raise InputError(f"row {index}: field {empty[0]!r} is empty (training refuses empty fields too)")
             check_texts([row[name] for name in fields if isinstance(row.get(name), str)] or [""])
             out.append(row)
         return out, single
@@ -89,5 +96,20 @@ class RuntimeTemplate:
 
 
 def load_template(manifest: dict, vocab_size: int) -> Optional[RuntimeTemplate]:
+    """The manifest's ``template`` entry, checked: a malformed one is a ``ManifestError`` naming what is wrong."""
+    from ..errors import ManifestError
+
     entry = manifest.get("template")
-    return RuntimeTemplate(entry, vocab_size) if entry else None
+    if not entry:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+        raise ManifestError("the manifest's template entry has no template source string")
+    try:
+        template = RuntimeTemplate(entry, vocab_size)
+    except (TemplateError, TypeError, ValueError) as exc:
+        raise ManifestError(f"the manifest's template entry is malformed: {exc}") from None
+    base = entry.get("placeholder_base", vocab_size)
+    if base != vocab_size:
+        raise ManifestError(f"the manifest's template places placeholders at {base}, not at the vocabulary's end "
+                            f"({vocab_size})")
+    return template

@@ -249,7 +249,7 @@ def _rows(svc: Service, kind: str, texts, input_ids, *, params=None, stop: tuple
                             "eos_token_id instead")
     if (texts is None) == (input_ids is None):
         raise ApiError(400, "pass either texts (prompts) or input_ids, not both and not neither")
-    items = [texts] if isinstance(texts, str) else texts if texts is not None else input_ids
+    items = [texts] if isinstance(texts, (str, dict)) else texts if texts is not None else input_ids
     if not items:
         raise ApiError(400, "no inputs given (an empty list)")
     new = params.max_new_tokens if params is not None else 0

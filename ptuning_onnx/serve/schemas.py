@@ -14,6 +14,9 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict
 
 Texts = Union[str, list[str]]
+# Rows of a templated folder's fields ({"premise": ..., "hypothesis": ...}), or plain texts (docs/FORMAT.md).
+Fields = dict[str, str]
+Inputs = Union[str, Fields, list[Union[str, Fields]]]
 Ids = list[list[int]]
 
 
@@ -26,7 +29,7 @@ class _OpenAI(BaseModel):
 
 
 class GenerateRequest(_Ours):
-    prompts: Optional[Texts] = None
+    prompts: Optional[Inputs] = None
     adapter: Optional[str] = None  # a multi-prompt folder's prompt for every row of the request
     input_ids: Optional[Ids] = None
     max_new_tokens: int = 20
@@ -42,7 +45,7 @@ class GenerateRequest(_Ours):
 
 
 class ClassifyRequest(_Ours):
-    texts: Optional[Texts] = None
+    texts: Optional[Inputs] = None
     adapter: Optional[str] = None
     input_ids: Optional[Ids] = None
 
@@ -53,7 +56,7 @@ class TagRequest(_Ours):
 
 
 class EmbedRequest(_Ours):
-    texts: Optional[Texts] = None
+    texts: Optional[Inputs] = None
     adapter: Optional[str] = None
     input_ids: Optional[Ids] = None
     pooling: Literal["mean", "cls"] = "mean"
