@@ -92,7 +92,8 @@ def _greedy(graph: _Graph, ids, mask, prompt_ids, steps: int):
     return np.concatenate(tokens, 1), np.stack(logits, 1)
 
 
-OUTPUT = {"causal-lm": "logits", "seq-cls": "logits", "token-cls": "logits", "feature-extraction": "last_hidden_state"}
+OUTPUT = {"causal-lm": "logits", "seq-cls": "logits", "token-cls": "logits", "feature-extraction": "last_hidden_state",
+          "seq2seq-lm": "logits"}
 
 
 def _real(value: np.ndarray, mask_row: np.ndarray, task: str) -> np.ndarray:
@@ -121,6 +122,10 @@ def check_multi(folder: os.PathLike, refs: dict, manifest: dict, *, atol: float 
     report: dict = {"passed": False, "atol": atol, "rtol": rtol, "adapters": {}, "max_abs_diff": {}}
     if [ids_of.get(name) for name in names] != list(range(len(names))):
         raise _failure(f"manifest adapters {ids_of} do not map {names} to ids 0..{len(names) - 1}", report)
+    if task == "seq2seq-lm":  # two graphs: parity_multi_seq2seq.py, by the same rules
+        from .parity_multi_seq2seq import check_multi_seq2seq
+
+        return check_multi_seq2seq(folder, refs, manifest, atol=atol, rtol=rtol, seed=seed, golden=golden)
     graph = _Graph(folder, manifest)
     if "prompt_ids" not in graph.inputs:  # names first
         raise _failure(f"the graph has no prompt_ids input (inputs: {sorted(graph.inputs)})", report)
@@ -239,14 +244,23 @@ def _failure(message: str, report: dict) -> ParityError:
 
 class _AdapterGraphs(_Graphs):
     """A multi-prompt folder's graphs seen as adapter ``prompt_id``'s single export: every row takes that prompt,
-    and seq-cls/token-cls logits are cut to its ``labels`` (the graph pads them to the largest count)."""
+    and seq-cls/token-cls logits are cut to its ``labels`` (the graph pads them to the largest count). seq2seq-lm:
+    the encoder's states lose the ``pad_slots`` in front of that adapter's real prompt slots (its single export's
+    shape), and the decoder gets them back as zeros, which its prompt mask hides (export/multi_seq2seq.py)."""
 
-    def __init__(self, folder: Path, manifest: dict, device: str, prompt_id: int, labels: Optional[int]):
+    def __init__(self, folder: Path, manifest: dict, device: str, prompt_id: int, labels: Optional[int],
+                 pad_slots: int = 0):
         super().__init__(folder, manifest, device)
-        self.prompt_id, self.labels = prompt_id, labels
+        self.prompt_id, self.labels, self.pad_slots = prompt_id, labels, pad_slots
 
     def run(self, graph: str, feed: dict) -> dict:
+        if graph == "decoder_model" and self.pad_slots:
+            hidden = feed["encoder_hidden_states"]
+            pads = np.zeros((hidden.shape[0], self.pad_slots, hidden.shape[2]), hidden.dtype)
+            feed = {**feed, "encoder_hidden_states": np.concatenate([pads, hidden], 1)}
         out = super().run(graph, feed)
+        if graph == "encoder_model":
+            out["last_hidden_state"] = out["last_hidden_state"][:, self.pad_slots:]
         if self.labels is not None:
             out["logits"] = out["logits"][..., :self.labels]
         return out
@@ -268,7 +282,8 @@ def check_quantized_multi(folder: os.PathLike, refs: dict, manifest: dict, *, de
     reports, memos = {}, []
     for k, name in enumerate(names):
         memo = ReferenceMemo()  # one per adapter: the inputs are the same, the references are not
-        graphs = _AdapterGraphs(folder, manifest, device, k, labels[name])
+        pad_slots = manifest["num_virtual_tokens"] - refs[name].n if manifest["task"] == "seq2seq-lm" else 0
+        graphs = _AdapterGraphs(folder, manifest, device, k, labels[name], pad_slots)
         try:
             reports[name] = check_quantized(folder, refs[name], manifest, device=device, memo=memo, graphs=graphs)
         except ParityError as exc:

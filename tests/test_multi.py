@@ -176,16 +176,13 @@ def test_mismatched_adapters_are_refused_naming_the_adapter(built, tmp_path):
     make_peft_adapter(tmp_path / "llama", MODELS / "llama", "CAUSAL_LM", "AutoModelForCausalLM")
     with pytest.raises(ConfigError, match="adapter 'other' was trained on .*llama, whose config.json differs"):
         export_multi(MODELS / "gpt2", {"news": good, "other": tmp_path / "llama"}, tmp_path / "o2", progress=False)
-    make_peft_adapter(tmp_path / "t5", MODELS / "t5", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM")
-    with pytest.raises(ConfigError, match="not seq2seq-lm"):
-        export_multi(MODELS / "t5", {"a": tmp_path / "t5", "b": tmp_path / "t5"}, tmp_path / "o3", progress=False)
     with pytest.raises(ConfigError, match="adapter 'gone'"):
         export_multi(MODELS / "gpt2", {"news": good, "gone": tmp_path / "missing"}, tmp_path / "o4", progress=False)
     with pytest.raises(ConfigError, match="given twice"):
         parse_adapter_specs(["a=x", "a=y"])
     with pytest.raises(ConfigError, match="NAME=DIR"):
         parse_adapter_specs(["a=x", "justapath"])
-    assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(("o1", "o2", "o4")) for p in tmp_path.iterdir())
 
 
 def test_cli_multi_and_single(built, tmp_path, capsys):

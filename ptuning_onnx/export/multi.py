@@ -11,7 +11,8 @@ prompt at 0..n_k-1 and the row's first real token at n_k.
 - feature-extraction, seq-cls and token-cls: the prompt tables (K, N, hidden) are gathered and prepended to the
   embeddings; seq-cls and token-cls then apply every adapter's own trained head and keep each row's
   (multi_heads.py), logits padded to the largest label count.
-- seq2seq-lm is not done yet: refused.
+- seq2seq-lm: an encoder graph and a decoder graph, both taking ``prompt_ids`` (multi_seq2seq.py); each row's
+  prompt fills the END of the N slots, so T5's relative positions see it as its single export does.
 
 Every adapter must be for the same task and the same base model (its recorded base's config.json, where that
 folder exists, must hash like the given base's); a mismatch is refused naming the adapter.
@@ -39,14 +40,16 @@ from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
 from .passes import apply_passes, check_options
+from .multi_seq2seq import MultiSeq2SeqDecoderGraph, MultiSeq2SeqEncoderGraph
+from .prompt_tables import PROMPT_IDS, gather_prompts, padded, register_prompts
 from .genai import write_genai_config
 from .multi_heads import RowHeads, head_paths, label_info, with_modules
 from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, _layers, causal_example,
                        causal_spec)
 
-PROMPT_IDS = "prompt_ids"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
+MULTI_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_CLS, TaskType.TOKEN_CLS,
+               TaskType.SEQ_2_SEQ_LM)
 HEADED = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 
 
@@ -130,7 +133,9 @@ def load_references(base_model: os.PathLike, adapters: dict, task=None) -> tuple
                                   f"{', '.join(differ[:4])}; its head modules were not all found")
         refs[name] = PTuningModel(own, adapter.prompt().to(base.dtype), tasks[first]).eval()
     lengths = {name: ref.n for name, ref in refs.items()}
-    if len(set(lengths.values())) > 1 and not refs[first]._takes_positions:
+    # Relative positions (T5's buckets) are kept by seq2seq's real-last slots (multi_seq2seq.py): any lengths work.
+    relative = tasks[first] == TaskType.SEQ_2_SEQ_LM and hasattr(base.config, "relative_attention_num_buckets")
+    if len(set(lengths.values())) > 1 and not refs[first]._takes_positions and not relative:
         raise ConfigError(f"'{base.config.model_type}' takes no explicit positions, so prompts of different lengths "
                           f"({lengths}) cannot share a graph exactly; give every adapter the same num_virtual_tokens")
     return refs, loaded
@@ -142,16 +147,6 @@ def _named(name: str, load, *args):
         return load(*args)
     except ConfigError as exc:
         raise ConfigError(f"adapter {name!r}: {exc}") from None
-
-
-def _padded(tables: list, length: int, axis: int) -> torch.Tensor:
-    """Stack tensors along a new axis 0, each zero-padded to ``length`` on ``axis`` (real entries first)."""
-    out = []
-    for table in tables:
-        pad = list(table.shape)
-        pad[axis] = length - table.shape[axis]
-        out.append(torch.cat([table, table.new_zeros(pad)], axis))
-    return torch.stack(out)
 
 
 class MultiCausalLMGraph(nn.Module):
@@ -172,9 +167,9 @@ class MultiCausalLMGraph(nn.Module):
         self.n = max(s.n for s in singles)  # N: the graph's prompt slots
         for i in range(self.num_layers):
             for kind in ("key", "value"):
-                table = _padded([getattr(s, f"prompt_{kind}_{i}")[0] for s in singles], self.n, 1)
+                table = padded([getattr(s, f"prompt_{kind}_{i}")[0] for s in singles], self.n, 1)
                 self.register_buffer(f"prompt_{kind}_{i}", table)  # (K, KV, N, Dh)
-        self.register_buffer("prompt_mask", _padded([torch.ones(s.n, dtype=torch.long) for s in singles], self.n, 0))
+        self.register_buffer("prompt_mask", padded([torch.ones(s.n, dtype=torch.long) for s in singles], self.n, 0))
         # User position p of a row of adapter k sits at model position n_k + offset + p, as in its single export.
         self.register_buffer("prompt_offset", torch.tensor([s.offset for s in singles], dtype=torch.long))
 
@@ -227,11 +222,8 @@ class MultiEncoderGraph(nn.Module):
         # seq-cls, token-cls: the body once, then every adapter's head, each row keeping its own (multi_heads.py).
         self.row_heads = RowHeads(refs) if first.task in HEADED else None
         self.task_ref = self.row_heads.ref if self.row_heads else first
-        self.n = max(ref.n for ref in refs)
         self.takes_positions, self.offset = first._takes_positions, first.position_offset
-        self.register_buffer("tables", _padded([ref.prompt_embeds(1)[0] for ref in refs], self.n, 0))  # (K, N, D)
-        self.register_buffer("prompt_mask", _padded([torch.ones(ref.n, dtype=torch.long) for ref in refs], self.n, 0))
-        self.register_buffer("prompt_n", torch.tensor([ref.n for ref in refs], dtype=torch.long))
+        self.n = register_prompts(self, refs)  # tables (K, N, D), prompt_mask (K, N), prompt_n (K,)
 
     def spec(self) -> GraphSpec:
         names = ["input_ids", "attention_mask", *self.extra, PROMPT_IDS]
@@ -250,9 +242,9 @@ class MultiEncoderGraph(nn.Module):
         # (token_type_ids, prompt_ids) or (prompt_ids,): named parameters, not *args, which torch.export packs into
         # one tuple that the dynamo route's dynamic shapes cannot name.
         token_type_ids, prompt_ids = (third, fourth) if self.extra else (None, third)
-        prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
         embeds = self.base.get_input_embeddings()(input_ids)
-        kwargs = {"inputs_embeds": torch.cat([self.tables.index_select(0, prompt_ids).to(embeds.dtype), embeds], 1),
+        prompts, prompt_mask = gather_prompts(self, prompt_ids, attention_mask.dtype, embeds.dtype)  # (B, N, D)
+        kwargs = {"inputs_embeds": torch.cat([prompts, embeds], 1),
                   "attention_mask": torch.cat([prompt_mask, attention_mask], 1)}
         if self.takes_positions:
             # As PTuningModel.extend_inputs, per row: slots at 0..N-1 (a row's real ones at 0..n_k-1, the rest
@@ -303,6 +295,9 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
     if first.task == TaskType.CAUSAL_LM:
         def make():
             return [MultiCausalLMGraph(ordered)]
+    elif first.task == TaskType.SEQ_2_SEQ_LM:
+        def make():
+            return [MultiSeq2SeqEncoderGraph(ordered), MultiSeq2SeqDecoderGraph(ordered)]
     else:
         def make():
             return [MultiEncoderGraph(ordered, _optimum.extra_inputs(first.base, first.task))]
@@ -330,10 +325,10 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
         _copy_side_files(Path(base_model), first, tmp)
         if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
             width = max(label_info(ref)["num_labels"] for ref in ordered)
-            padded = copy.deepcopy(first.base.config)
-            padded.id2label = {i: f"LABEL_{i}" for i in range(width)}
-            padded.label2id = {f"LABEL_{i}": i for i in range(width)}
-            padded.save_pretrained(tmp)
+            config = copy.deepcopy(first.base.config)
+            config.id2label = {i: f"LABEL_{i}" for i in range(width)}
+            config.label2id = {f"LABEL_{i}": i for i in range(width)}
+            config.save_pretrained(tmp)
         manifest = manifest_for(dtype, quantize, optimization)
         if first.task == TaskType.CAUSAL_LM:  # genai feeds prompt_ids with generator.set_model_input (FORMAT.md)
             write_genai_config(tmp, manifest)

@@ -205,13 +205,17 @@ class Seq2SeqEncoderGraph(nn.Module):
         return (ids, torch.ones_like(ids))
 
     def forward(self, input_ids, attention_mask):
-        kwargs = self.ref.extend_inputs(input_ids, attention_mask)
-        encoder = self.ref.base.get_encoder()
-        import inspect
+        return encode(self.ref.base, self.ref.extend_inputs(input_ids, attention_mask))
 
-        if "use_cache" in inspect.signature(encoder.forward).parameters:
-            kwargs["use_cache"] = False  # optimum's patcher sets config.use_cache on every submodule; T5Stack obeys
-        return encoder(**kwargs)[0]
+
+def encode(base, kwargs: dict):
+    """The seq2seq base's encoder on prefill ``kwargs`` (inputs_embeds, attention_mask) -> (B, L, D)."""
+    import inspect
+
+    encoder = base.get_encoder()
+    if "use_cache" in inspect.signature(encoder.forward).parameters:
+        kwargs["use_cache"] = False  # optimum's patcher sets config.use_cache on every submodule; T5Stack obeys
+    return encoder(**kwargs)[0]
 
 
 class Seq2SeqDecoderGraph(nn.Module):
@@ -252,10 +256,13 @@ class Seq2SeqDecoderGraph(nn.Module):
                  for _ in range(2 * self.num_layers)])
 
     def forward(self, input_ids, encoder_attention_mask, encoder_hidden_states, past):
+        ones = torch.ones_like(encoder_attention_mask[:, :1]).expand(-1, self.ref.n)
+        return self.decode(input_ids, torch.cat([ones, encoder_attention_mask], 1), encoder_hidden_states, past)
+
+    def decode(self, input_ids, mask, encoder_hidden_states, past) -> tuple:
+        """One decoder step over encoder states (B, L, D) whose mask (B, L) covers the virtual slots too."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-        ones = torch.ones_like(encoder_attention_mask[:, :1]).expand(-1, self.ref.n)
-        mask = torch.cat([ones, encoder_attention_mask], 1)
         self_cache = _cache((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
         cache = EncoderDecoderCache(self_cache, DynamicCache())
         out = self.ref.base(encoder_outputs=(encoder_hidden_states,), attention_mask=mask, decoder_input_ids=input_ids,

@@ -160,16 +160,21 @@ def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenCh
 
 
 def seq2seq_steps(encoder, decoder, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int,
-                  start_id: int, *, device: str = "cpu", device_id: int = 0) -> Iterator[np.ndarray]:
-    """Yield (B,) decoder tokens: encode (B, L) once, then decode from ``start_id`` through the decoder's cache."""
-    host, kept = GraphRunner(encoder, device, device_id).run({"input_ids": ids, "attention_mask": mask}, to_host=())
+                  start_id: int, *, device: str = "cpu", device_id: int = 0,
+                  prompt_ids: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+    """Yield (B,) decoder tokens: encode (B, L) once, then decode from ``start_id`` through the decoder's cache.
+
+    ``prompt_ids`` (B,) int64: each row's adapter in a multi-prompt folder, fed to both graphs."""
+    extra = {} if prompt_ids is None else {"prompt_ids": prompt_ids}
+    host, kept = GraphRunner(encoder, device, device_id).run({"input_ids": ids, "attention_mask": mask, **extra},
+                                                             to_host=())
     hidden = {**host, **kept}["last_hidden_state"]  # (B, n_virtual + L, H), stays where onnxruntime put it
     runner = GraphRunner(decoder, device, device_id)
     past = empty_past(decoder, ids.shape[0])
     token = np.full((ids.shape[0],), start_id, np.int64)
     for step in range(max_new_tokens):
         host, kept = runner.run({"input_ids": token[:, None], "encoder_attention_mask": mask,
-                                 "encoder_hidden_states": hidden, **past})
+                                 "encoder_hidden_states": hidden, **extra, **past})
         kept.update(host)
         token = chooser(host["logits"][:, -1])
         yield token

@@ -95,9 +95,10 @@ def _outputs(model: RuntimeModel, ids: np.ndarray, mask: np.ndarray, dec: Option
     if model.task == "seq2seq-lm":
         if dec is None:
             raise ManifestError("golden.npz: a seq2seq case lacks decoder_input_ids")
-        enc = runner("encoder_model").run({"input_ids": ids, "attention_mask": mask},
+        extra = {} if prompt_ids is None else {"prompt_ids": prompt_ids}
+        enc = runner("encoder_model").run({"input_ids": ids, "attention_mask": mask, **extra},
                                           to_host=("last_hidden_state",))[0]["last_hidden_state"]
-        feed = {"input_ids": dec, "encoder_attention_mask": mask, "encoder_hidden_states": enc,
+        feed = {"input_ids": dec, "encoder_attention_mask": mask, "encoder_hidden_states": enc, **extra,
                 **gen.empty_past(model.sessions["decoder_model"], ids.shape[0])}
         logits = runner("decoder_model").run(feed, to_host=("logits",))[0]["logits"]
         return {"last_hidden_state": enc, "logits": logits}

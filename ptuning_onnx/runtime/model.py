@@ -250,7 +250,7 @@ class Seq2SeqLM(_Generative):
     def _steps(self, ids, mask, chooser, params, prompt_ids=None):
         return gen.seq2seq_steps(self.sessions["encoder_model"], self.sessions["decoder_model"], ids, mask, chooser,
                                  params.max_new_tokens, self.decoder_start_token_id, device=self.device,
-                                 device_id=self.device_id)
+                                 device_id=self.device_id, prompt_ids=prompt_ids)
 
 
 class _Labelled(RuntimeModel):

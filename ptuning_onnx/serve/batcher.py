@@ -182,7 +182,7 @@ class Batcher:
         if isinstance(model, Seq2SeqLM):
             steps = gen.seq2seq_steps(model.sessions["encoder_model"], model.sessions["decoder_model"], ids, mask,
                                       chooser, longest, model.decoder_start_token_id, device=model.device,
-                                      device_id=model.device_id)
+                                      device_id=model.device_id, prompt_ids=prompt_ids(model, rows))
         else:
             steps = gen.causal_lm_steps(model.sessions["model"], ids, mask, chooser, longest, device=model.device,
                                         device_id=model.device_id, prompt_ids=prompt_ids(model, rows))
