@@ -429,3 +429,13 @@ def test_optimize_fuses_times_and_keeps_the_faster(peft_adapters, tmp_path, task
     contrib = set(decision["fused_ops"]["model"]) - {"LayerNormalization"}  # a standard op since opset 17
     assert bool(ops & contrib) == (decision["kept"] == "fused")
     assert sorted(p.name for p in result.path.iterdir()) == sorted([*result.manifest["files"], "ptuning_onnx.json"])
+
+
+def test_optimize_keeps_the_unfused_graph_when_the_fused_one_cannot_run_on_the_cpu(peft_adapters, tmp_path):
+    """onnxruntime's T5 recipe fuses RelativePositionBias, which its CPU provider has no kernel for: the export keeps
+    the unfused graphs, passes parity, and says why, instead of failing."""
+    result = export(MODELS / "t5", peft_adapters["seq2seq-lm"], tmp_path / "out", optimize=True, progress=False)
+    decision = result.manifest["optimization"]
+    assert decision["kept"] == "unfused" and decision["ms"] is None
+    assert "RelativePositionBias" in decision["reason"] and "CPU provider" in decision["reason"]
+    assert result.report["passed"] and not result.manifest["optimized"]
