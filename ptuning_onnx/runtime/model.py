@@ -254,7 +254,7 @@ class Seq2SeqLM(_Generative):
 
 
 class _Labelled(RuntimeModel):
-    def __init__(self, *args):
+    def __init__(self, *args) -> None:
         super().__init__(*args)
         id2label = self.manifest["model"].get("id2label") or _config(self.path).get("id2label") or {}
         self.id2label = {int(k): str(v) for k, v in id2label.items()}
