@@ -210,3 +210,51 @@ def test_fused_folder_says_its_cache_holds_the_prompt_and_has_no_genai_config(bu
         out = session.run(None, {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
                                  "position_ids": np.array([[0, 1, 2]]), **empty_past(session, 1)})
         assert out[1].shape[2] == n + 3  # present.0.key: the prompt's positions, then the user's
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_build_and_keep_exact_parity(family, tmp_path):
+    """The builder's other families, tiny and seeded: Qwen2 (q/k/v biases) and Mistral (no sliding window here)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128, pad_token_id=3,
+                 bos_token_id=1, eos_token_id=2)
+    if family == "qwen2":
+        config, model_cls = transformers.Qwen2Config(**sizes, use_sliding_window=False), transformers.Qwen2ForCausalLM
+    else:
+        config, model_cls = transformers.MistralConfig(**sizes, sliding_window=None), transformers.MistralForCausalLM
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    model_cls(config).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (MODELS / "llama" / name).exists():
+            shutil.copy(MODELS / "llama" / name, base / name)
+    adapter = make_peft_adapter(tmp_path / "adapter", base, "CAUSAL_LM", "AutoModelForCausalLM")[1]
+    ref = load_reference(base, load_adapter(adapter), None)
+    assert build_llama.unsupported(ref.base.config) is None
+    folder = tmp_path / "out"
+    export(base, adapter, folder, progress=False, skip_verify=True)
+    build_llama.build(ref, folder / "model.onnx")
+    report = check_parity(folder, ref, json.loads((folder / "ptuning_onnx.json").read_text()), atol=1e-4)
+    assert report["passed"] and report["negative_control"]["failed_as_expected"]
+    if family == "qwen2":
+        assert any(n.op_type == "Add" for n in onnx.load(str(folder / "model.onnx")).graph.node)  # the q|k|v bias
+
+
+def test_a_large_graph_keeps_the_fused_graph_untimed(peft_adapters, tmp_path, monkeypatch):
+    """Above UNTIMED_BYTES of weights the fused graph is kept without the timing (two sessions of a 1B model beside
+    the reference took the export to 4.2x its weights); the manifest says so, and parity runs on it."""
+    from ptuning_onnx.export import fusion
+
+    monkeypatch.setattr(fusion, "UNTIMED_BYTES", 0)
+    result = export(MODELS / "llama", peft_adapters["causal-lm-llama"], tmp_path / "out", optimize=True,
+                    progress=False)
+    decision = result.manifest["optimization"]
+    assert decision["kept"] == "fused" and decision["ms"] is None and decision["reason"].startswith("not timed")
+    assert result.report["passed"] and result.manifest["model"]["cache_holds_prompt"]
+    assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(result.path / "model.onnx")).graph.node}
+    assert sorted(p.name for p in result.path.iterdir()) == sorted([*result.manifest["files"], "ptuning_onnx.json"])

@@ -2,7 +2,7 @@
 exported fp32 (external data) and quantized, then run by the torch-free runtime. Benchmark-sized, so a tool and
 not a unit test; tests/test_external_data.py covers the same code paths on tiny models.
 
-    python tools/bench_big.py [--work /tmp/big] [--variants fp32,int4,int8,fp16] [--json out.json]
+    python tools/bench_big.py [--work /tmp/big] [--variants fp32,int4,int8,fp16,int4+optimize] [--json out.json]
 
 Each export and each runtime run is its own process, so peak RSS (``ru_maxrss`` from ``wait4``) is that step's
 alone. Prints a Markdown table: export time, the parity check's share, peak RSS against the fp32 weights, folder
@@ -91,7 +91,12 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         out = work / f"onnx-{variant}"
-        flags = [] if variant == "fp32" else ["--dtype", "fp16"] if variant == "fp16" else ["--quantize", variant]
+        kind, _, extra = variant.partition("+")  # "int4+optimize": the fused graph (export/build_llama.py)
+        flags = [] if kind == "fp32" else ["--dtype", "fp16"] if kind == "fp16" else ["--quantize", kind]
+        if extra == "optimize":
+            flags.append("--optimize")
+        elif extra:
+            raise SystemExit(f"unknown variant suffix {extra!r} in {variant!r} (only +optimize)")
         wall, rss, log = run([sys.executable, "-m", "ptuning_onnx.cli.export", "--base-model", str(base),
                               "--adapter", str(adapter), "--output", str(out), "--overwrite", *flags])
         steps = {m[0]: float(m[1]) for m in re.findall(r"\] (.+?): done in ([\d.]+)s", log)}
