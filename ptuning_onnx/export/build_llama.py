@@ -32,6 +32,7 @@ the reason, and the export keeps the traced graph.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -75,12 +76,14 @@ def unsupported(config) -> Optional[str]:
 
 
 class _Graph:
-    """Nodes, initializers and unique names for one graph."""
+    """Nodes, initializers and unique names for one graph. With ``sink`` (an open data file named ``location``),
+    each weight's bytes go to the file as it is made, so a 1B model is never held twice in memory."""
 
-    def __init__(self):
+    def __init__(self, sink=None, location: str = ""):
         self.nodes: list = []
         self.weights: list = []
         self._count = 0
+        self.sink, self.location = sink, location
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -90,7 +93,10 @@ class _Graph:
         from onnx import numpy_helper
 
         name = self.name(hint)
-        self.weights.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        if self.sink is not None and len(tensor.raw_data) >= graph_io.SIZE_THRESHOLD:
+            graph_io._append(self.sink, tensor, tensor.raw_data, self.location)  # page-aligned, as graph_io.save
+        self.weights.append(tensor)
         return name
 
     def op(self, op_type: str, inputs: list, outputs=1, domain: str = "", hint: Optional[str] = None, **attrs):
@@ -107,8 +113,8 @@ class _Graph:
 def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = None) -> dict:
     """Write the fused graph of ``ref`` (a baked causal-lm ``PTuningModel``) to ``path``; returns its fused-op
     counts."""
-    import torch
-    from onnx import TensorProto, helper
+    import onnx
+    from onnx import helper
 
     config = ref.base.config
     reason = unsupported(config)
@@ -116,16 +122,46 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
         raise ValueError(f"no fused graph for this model: {reason}")
     traced = CausalLMGraph(ref)  # the prompt's keys/values, as the traced graph holds them
     spec = causal_spec(traced.num_layers)
+    params = {k: v.detach().float().numpy() for k, v in ref.base.state_dict().items()}  # views, no copies
+    if external_data is None:
+        external_data = sum(v.nbytes for v in params.values()) > graph_io.EXTERNAL_THRESHOLD
+    data = Path(path).parent / graph_io.data_name(Path(path))
+    if data.exists():
+        data.unlink()
+    with open(data, "wb") if external_data else contextlib.nullcontext() as sink:
+        g = _Graph(sink, data.name)
+        _layers_into(g, ref, traced, spec, params, config)
+    inputs = _value_infos(spec, traced, config, kind="inputs")
+    outputs = _value_infos(spec, traced, config, kind="outputs")
+    graph = helper.make_graph(g.nodes, "ptuning_llama_fused", inputs, outputs, g.weights)
+    graph.initializer.append(_default(LOGITS_TO_KEEP, spec.defaults[LOGITS_TO_KEEP]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              producer_name="ptuning-onnx", doc_string="fused Llama-family causal-lm graph")
+    model.ir_version = 8
+    if external_data:
+        onnx.save_model(model, str(path))  # the weights are in the data file already
+    else:
+        graph_io.save(model, path, external=False)
+    counts: dict = {}
+    for node in g.nodes:
+        if node.domain == MS or node.op_type == "SimplifiedLayerNormalization":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
+    """Every node and weight of the fused graph, into ``g``."""
+    import torch
+    from onnx import TensorProto
+
     heads, kv_heads = config.num_attention_heads, traced.kv_heads
     head_dim = traced.head_dim
     n, offset = traced.n, traced.offset
-    params = {k: v.detach().float().numpy() for k, v in ref.base.state_dict().items()}
     inner = "model."
 
     def weight(key: str) -> np.ndarray:
         return params[inner + key]
 
-    g = _Graph()
     one = g.const("one", np.array([1], np.int64))
     zero = g.const("zero", np.array([0], np.int64))
 
@@ -235,20 +271,6 @@ def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = N
     kept = g.op("Slice", [normed, start, end, one])
     lm_head = params.get("lm_head.weight", params[inner + "embed_tokens.weight"])
     g.op("MatMul", [kept, g.const("lm_head", lm_head.T)], outputs=["logits"])
-
-    inputs = _value_infos(spec, traced, config, kind="inputs")
-    outputs = _value_infos(spec, traced, config, kind="outputs")
-    graph = helper.make_graph(g.nodes, "ptuning_llama_fused", inputs, outputs, g.weights)
-    graph.initializer.append(_default(LOGITS_TO_KEEP, spec.defaults[LOGITS_TO_KEEP]))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                              producer_name="ptuning-onnx", doc_string="fused Llama-family causal-lm graph")
-    model.ir_version = 8
-    graph_io.save(model, path, external=external_data)
-    counts: dict = {}
-    for node in g.nodes:
-        if node.domain == MS or node.op_type == "SimplifiedLayerNormalization":
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _default(name: str, value: int):
