@@ -269,7 +269,11 @@ def test_cli_template_errors_are_one_line(tmp_path, capsys):
             (["--base-model", str(MODELS / "gpt2"), "--task", "causal-lm", "--template", "<p:2> {text"],
              "unbalanced '{'"),
             (["--base-model", str(MODELS / "bert"), "--task", "token-cls", "--template", "<p:2> {text}"],
-             "trains seq-cls and causal-lm")):
+             "trains seq-cls and causal-lm"),
+            (["--base-model", str(MODELS / "bert"), "--task", "seq-cls", "--template", "<p:2> {text} <p:1> so",
+              "--num-virtual-tokens", "20"], "--num-virtual-tokens 20 contradicts --template, whose slots hold 3"),
+            (["--base-model", str(MODELS / "bert"), "--task", "seq-cls", "--template", "<p:2> {text}",
+              "--num-virtual-tokens=5"], "contradicts --template")):
         assert main(argv + base) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

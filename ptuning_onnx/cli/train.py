@@ -15,7 +15,7 @@ import sys
 from typing import Optional
 
 from ..config import CLI_TASKS
-from ..errors import TrainingDivergedError
+from ..errors import ConfigError, TrainingDivergedError
 from ._common import error_message, run_cli
 
 EXIT_FAILED = 1  # the input was usable but the run failed; 2 (bad input) comes from run_cli
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--num-virtual-tokens", type=int, metavar="N", help="virtual tokens (default: %(default)s)")
     enc.add_argument("--template", metavar="T",
                      help="P-tuning template: virtual slots <p:k>, row fields {text}, anchor words, e.g. "
-                          "'<p:10> {text} <p:10> It was' (seq-cls, causal-lm); its slots replace --num-virtual-tokens")
+                          "'<p:10> {text} <p:10> It was' (seq-cls, causal-lm); its slots set the number of virtual "
+                          "tokens (a different --num-virtual-tokens is an error)")
     enc.add_argument("--encoder-type", choices=["mlp", "lstm"], help="(default: %(default)s)")
     enc.add_argument("--encoder-hidden-size", type=int, metavar="N", help="(default: the model's hidden size)")
     enc.add_argument("--encoder-num-layers", type=int, metavar="N", help="LSTM layers (default: %(default)s)")
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv: Optional[list] = None) -> int:
     ns = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if ns.template is not None and any(a == "--num-virtual-tokens" or a.startswith("--num-virtual-tokens=")
+                                       for a in given):
+        from ..template import parse
+
+        count = parse(ns.template).num_virtual_tokens
+        if ns.num_virtual_tokens != count:
+            raise ConfigError(f"--num-virtual-tokens {ns.num_virtual_tokens} contradicts --template, whose slots hold "
+                              f"{count}; drop --num-virtual-tokens (the template decides)")
     import transformers
 
     from ..train import TrainArgs, train  # torch: only once the arguments are known to be usable
