@@ -130,3 +130,7 @@ def _read_object(path: Path) -> dict:
         raise ManifestError(f"{path} must hold a JSON object")
     return data
 
+
+def version_tuple(text: str) -> tuple:
+    """``"1.22.0+cu12"`` -> ``(1, 22)``: major and minor, for minimum-version checks."""
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())

@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..manifest import version_tuple
 from . import graph_io
 from .wrappers import LOGITS_TO_KEEP, CausalLMGraph, causal_spec
 
@@ -52,8 +53,7 @@ def unsupported(config) -> Optional[str]:
     """Why this config cannot be built (None when it can)."""
     import onnxruntime as ort
 
-    have = tuple(int(p) for p in ort.__version__.split("+")[0].split(".")[:2])
-    if have < tuple(int(p) for p in MIN_ONNXRUNTIME.split(".")):
+    if version_tuple(ort.__version__) < version_tuple(MIN_ONNXRUNTIME):
         return f"onnxruntime {ort.__version__} (GroupQueryAttention's attention_bias needs {MIN_ONNXRUNTIME})"
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:

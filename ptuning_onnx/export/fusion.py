@@ -108,7 +108,8 @@ def _keep_faster(folder: Path, graphs: list, config, task, external_data, recipe
                        for kind, p in (("unfused", path), ("fused", candidate))}
     entry = {"recipe": recipe, "fused_ops": fused_ops, "nodes": nodes, "provider": "cpu",
              "workload": WORKLOAD_TEXT.get(task.value, "")}
-    weight = sum(graph_io.tensor_bytes(graph_io.load(folder / f"{name}.onnx", data=False), folder) for name in graphs)
+    weight = 0 if untimed_above is None else sum(
+        graph_io.tensor_bytes(graph_io.load(folder / f"{name}.onnx", data=False), folder) for name in graphs)
     if untimed_above is not None and weight > untimed_above:
         for name, candidate in candidates.items():
             graph_io.move(candidate, folder / f"{name}.onnx")

@@ -44,7 +44,7 @@ from .multi_seq2seq import MultiSeq2SeqDecoderGraph, MultiSeq2SeqEncoderGraph
 from .prompt_tables import PROMPT_IDS, gather_prompts, padded, register_prompts
 from .genai import write_genai_config
 from .multi_heads import RowHeads, head_paths, label_info, with_modules
-from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, _layers, causal_example,
+from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, causal_example, decode,
                        causal_spec)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -187,23 +187,11 @@ class MultiCausalLMGraph(nn.Module):
             cache.append((torch.cat([key, past[2 * i]], 2), torch.cat([value, past[2 * i + 1]], 2)))
         prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
         mask = torch.cat([prompt_mask, attention_mask], 1)
-        steps = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1  # (S,) = 0..S-1, kept dynamic in the trace
-        seq = steps[-1:] + 1
-        keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
-        index = steps[steps >= seq - keep]
         kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids + self.prompt_offset.index_select(0, prompt_ids).unsqueeze(1)
-        if self._keep_native:
-            out = self.model(**kwargs, logits_to_keep=index)
-            logits = out["logits"]
-        else:
-            out = self.model(**kwargs)
-            logits = out["logits"].index_select(1, index)
-        presents = []
-        for key, value in _layers(out["past_key_values"]):
-            presents += [key[:, :, self.n:], value[:, :, self.n:]]  # the N prompt slots are the graph's own
-        return (logits, *presents)
+        # self.n: the N prompt slots (padded table), the graph's own
+        return decode(self.model, kwargs, input_ids, logits_to_keep, self._keep_native, self.n)
 
 
 class MultiEncoderGraph(nn.Module):

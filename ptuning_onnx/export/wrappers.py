@@ -52,6 +52,27 @@ def _kv_names(prefix: str, layers: int, kind: str = "") -> list:
     return [f"{prefix}.{i}{kind}.{t}" for i in range(layers) for t in ("key", "value")]
 
 
+def decode(model, kwargs: dict, input_ids, logits_to_keep, keep_native: bool, n: int) -> tuple:
+    """The causal-lm graphs' shared step: ``model(**kwargs)`` with the logits of the last ``logits_to_keep``
+    positions (0 = all) -> (logits, present.0.key, present.0.value, ...), each present without its first ``n``
+    (prompt) positions, which the graph holds itself."""
+    # Indices of the positions whose logits are wanted, built from tensor ops so the trace keeps them dynamic.
+    steps = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1  # (S,) = 0..S-1
+    seq = steps[-1:] + 1
+    keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
+    index = steps[steps >= seq - keep]
+    if keep_native:
+        out = model(**kwargs, logits_to_keep=index)
+        logits = out["logits"]
+    else:
+        out = model(**kwargs)
+        logits = out["logits"].index_select(1, index)
+    presents = []
+    for key, value in _layers(out["past_key_values"]):
+        presents += [key[:, :, n:], value[:, :, n:]]
+    return (logits, *presents)
+
+
 def causal_spec(num_layers: int, row_inputs: tuple = ()) -> GraphSpec:
     """The causal-lm graph's interface; ``row_inputs``: (batch,) inputs after ``position_ids`` (``prompt_ids``)."""
     past, present = _kv_names("past_key_values", num_layers), _kv_names("present", num_layers)
@@ -130,27 +151,12 @@ class CausalLMGraph(nn.Module):
                 cache.append((torch.cat([key, past[2 * i]], 2), torch.cat([value, past[2 * i + 1]], 2)))
             ones = torch.ones_like(attention_mask[:, :1]).expand(-1, self.n)
             mask = torch.cat([ones, attention_mask], 1)
-        # Indices of the positions whose logits are wanted: the last k, or all when k == 0. Built from tensor
-        # ops so the trace keeps them dynamic.
-        steps = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1  # (S,) = 0..S-1
-        seq = steps[-1:] + 1
-        keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, seq), seq)
-        index = steps[steps >= seq - keep]
         inputs = ({"input_ids": input_ids} if self.templated is None
                   else {"inputs_embeds": self.templated.embed_tokens(input_ids)})
         kwargs = dict(**inputs, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids + self.offset
-        if self._keep_native:
-            out = self.model(**kwargs, logits_to_keep=index)
-            logits = out["logits"]
-        else:
-            out = self.model(**kwargs)
-            logits = out["logits"].index_select(1, index)
-        presents = []
-        for key, value in _layers(out["past_key_values"]):
-            presents += [key[:, :, self.n:], value[:, :, self.n:]]
-        return (logits, *presents)
+        return decode(self.model, kwargs, input_ids, logits_to_keep, self._keep_native, self.n)
 
 
 class EncoderTaskGraph(nn.Module):

@@ -407,13 +407,9 @@ def _check_onnxruntime(folder: Path, manifest: dict) -> None:
     import onnxruntime as ort
 
     needed = (manifest.get("optimization") or {}).get("min_onnxruntime")
-    if needed and _version(ort.__version__) < _version(needed):
+    if needed and mf.version_tuple(ort.__version__) < mf.version_tuple(needed):
         raise ConfigError(f"{folder}: its fused graph needs onnxruntime >= {needed}; this is "
                           f"{ort.__version__} (upgrade onnxruntime, or export without --optimize)")
-
-
-def _version(text: str) -> tuple:
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
 
 
 def _config(folder: Path) -> dict:
