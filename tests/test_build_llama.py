@@ -42,6 +42,9 @@ def test_optimize_writes_the_fused_graph_and_keeps_exact_parity(built):
         ops = {n.op_type for n in onnx.load(str(fused.path / "model.onnx")).graph.node}
         assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops
         assert decision["min_onnxruntime"] == build_llama.MIN_ONNXRUNTIME
+    kept_fused = decision["kept"] == "fused"
+    assert fused.manifest["model"]["past_present_share_buffer"] is kept_fused
+    assert fused.manifest["model"]["cache_holds_prompt"] is kept_fused
 
 
 def test_the_fused_graph_passes_the_exact_gate_whatever_the_timing_kept(built, tmp_path):
@@ -78,35 +81,87 @@ def test_a_runtime_too_old_for_the_fused_graph_is_named(built, tmp_path):
         runtime.load(folder)
 
 
-def test_fused_graph_generates_what_peft_generates(built, tmp_path):
-    """Greedy tokens through the runtime (left-padded batch of 3, one row alone) equal PEFT's own generate."""
+def _fused_model(built, tmp_path, share_buffer: bool = True):
+    """A runtime model of the fused graph, whatever the export's timing kept, with the manifest's cache entries
+    as the builder's graph has them (``share_buffer`` False: the runtime's copying loop)."""
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx import runtime
+
+    fused, adapter, _ = built
+    folder = tmp_path / f"folder-{share_buffer}"
+    shutil.copytree(fused.path, folder)
+    build_llama.build(load_reference(MODELS / "llama", load_adapter(adapter), None), folder / "model.onnx")
+    manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
+    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=share_buffer)
+    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return runtime.load(folder, verify=False)
+
+
+def _padded_rows(seed: int, lengths) -> tuple:
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(4, 1000, size=n).tolist() for n in lengths]
+    width = max(map(len, rows))
+    ids = np.array([[3] * (width - len(r)) + r for r in rows], np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+    return rows, ids, mask
+
+
+@pytest.mark.parametrize("share_buffer", [True, False])
+def test_fused_graph_generates_what_peft_generates(built, tmp_path, share_buffer, monkeypatch):
+    """Greedy tokens through the runtime (left-padded batch of 3, one row alone) equal PEFT's own generate, with
+    the cache in one shared buffer per tensor (written in place) and with the copying loop."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ptuning_onnx import runtime
+    from ptuning_onnx.runtime import generation
 
-    fused, adapter, _ = built
-    build_llama.build(load_reference(MODELS / "llama", load_adapter(adapter), None), tmp_path / "model.onnx")
-    folder = tmp_path / "folder"
-    import shutil
+    _, adapter, _ = built
+    model = _fused_model(built, tmp_path, share_buffer)
+    made = []
 
-    shutil.copytree(fused.path, folder)
-    shutil.copy(tmp_path / "model.onnx", folder / "model.onnx")  # the fused graph, whatever the timing kept
-    model = runtime.load(folder, verify=False)
-    rng = np.random.default_rng(3)
-    rows = [rng.integers(4, 1000, size=n).tolist() for n in (7, 3, 12)]
-    width = max(map(len, rows))
-    ids = np.array([[3] * (width - len(r)) + r for r in rows], np.int64)
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+    class Counted(generation.SharedKVCache):
+        def __init__(self, *args, **kwargs):
+            made.append(args[2])  # capacity
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "SharedKVCache", Counted)
+    rows, ids, mask = _padded_rows(3, (7, 3, 12))
     ours = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    # One buffer set per call, sized for the prompt, the 12 padded positions and the 7 tokens after the prefill.
+    assert made == ([model.num_virtual_tokens + 12 + 7] if share_buffer else [])
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODELS / "llama"), adapter).eval()
     for row, got in zip(rows, ours, strict=True):
         with torch.no_grad():
-            ids = torch.tensor([row])
-            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+            row_ids = torch.tensor([row])
+            out = peft.generate(input_ids=row_ids, attention_mask=torch.ones_like(row_ids), max_new_tokens=8,
                                 do_sample=False, pad_token_id=3, eos_token_id=None)
         assert list(got) == out[0, len(row):].tolist()
+
+
+def test_shared_buffer_samples_and_streams_what_the_copying_loop_does(built, tmp_path):
+    """Seeded sampling with a repetition penalty, streaming, and an early stop at EOS: the in-place cache gives
+    the copying loop's tokens exactly."""
+    shared, copying = _fused_model(built, tmp_path, True), _fused_model(built, tmp_path, False)
+    _, ids, mask = _padded_rows(5, (9, 2, 5, 14))
+    params = dict(max_new_tokens=24, do_sample=True, seed=11, temperature=0.9, top_k=40, top_p=0.95,
+                  repetition_penalty=1.3, eos_token_id=[])
+    a = shared.generate(input_ids=ids, attention_mask=mask, **params)
+    b = copying.generate(input_ids=ids, attention_mask=mask, **params)
+    assert np.array_equal(a, b) and len(set(np.asarray(a).ravel().tolist())) > 10  # sampled, not constant
+    one = [np.asarray(m.generate(input_ids=ids[:1], attention_mask=mask[:1], **params))[0].tolist()
+           for m in (shared, copying)]
+    assert one[0] == one[1]
+    eos = one[0][5]
+    stop = one[0].index(eos)  # where the row stops with that EOS
+    stops = [m.generate(input_ids=ids[:1], attention_mask=mask[:1], **dict(params, eos_token_id=[eos]))
+             for m in (shared, copying)]
+    assert np.array_equal(*stops) and np.asarray(stops[0])[0].tolist()[:stop + 1] == one[0][:stop + 1]
+    assert set(np.asarray(stops[0])[0, stop + 1:].tolist()) <= {shared.pad_token_id}
+    streamed = [list(m.stream(input_ids=ids[:1], attention_mask=mask[:1], **params)) for m in (shared, copying)]
+    assert streamed[0] == streamed[1] == one[0]
 
 
 def test_parity_fails_a_fused_graph_built_from_another_prompt(built, tmp_path):

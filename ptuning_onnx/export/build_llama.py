@@ -22,7 +22,11 @@ leading positions when it trims or pads a cache. Inside:
   row at a time);
 - the mask becomes GroupQueryAttention's ``attention_bias`` (0 or float32 min per key position, the prompt's
   always 0), so left padding works; every row's ``seqlens_k`` is the full buffer, as padding is in the bias;
-- rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``.
+- rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``;
+- past and present may be ONE preallocated buffer (B, KV, M, D), bound as both (GroupQueryAttention's
+  past_present_share_buffer mode, as onnxruntime-genai runs its graphs): each step writes its keys/values in place
+  at positions n + T - S .. n + T - 1 and nothing is copied. The runtime's CPU loop does this after the prefill
+  (manifest ``model.past_present_share_buffer``, runtime/session.py ``SharedKVCache``).
 
 Weights come from the reference model's own tensors, q|k|v and gate|up packed into one MatMul each, so the int8
 and int4 passes (optimize.py) quantize 4 MatMuls per layer plus the lm_head. Families: llama, mistral (no sliding
@@ -178,9 +182,11 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     # with them, and nothing is copied but what GroupQueryAttention itself appends. (A chunk of several tokens after
     # a past, which the runtime never sends, is its "subsequent prompt" mode, which onnxruntime runs one row at a
     # time: a batch of several such rows is refused by onnxruntime.)
+    # The prefill is told by the mask covering the new tokens only (T == S), not by the past's length: a past that
+    # shares one preallocated buffer with its present (the runtime's decoding loop on the CPU) is never empty.
     cut = g.const("prompt_len", np.array([n], np.int64))
-    past_len = g.op("Gather", [g.op("Shape", [spec.inputs[3]]), g.const("two", np.array([2], np.int64))], axis=0)
-    n_new = g.op("Mul", [g.op("Cast", [g.op("Equal", [past_len, zero])], to=TensorProto.INT64), cut])  # n or 0
+    mask_len = g.op("Gather", [g.op("Shape", ["attention_mask"]), one], axis=0)  # (1,) T
+    n_new = g.op("Mul", [g.op("Cast", [g.op("Equal", [mask_len, seq])], to=TensorProto.INT64), cut])  # n or 0
     queries = g.op("Add", [seq, n_new])  # (1,) S' = n_new + S
     # One additive bias (B, 1, S', n + T): 0 where a query may see a key (causal, and the key is the prompt's or a
     # real token), float32 min elsewhere; left padding lives here, so every row's seqlens_k is the full buffer.

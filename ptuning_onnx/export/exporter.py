@@ -378,6 +378,8 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
             if ref.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
             # True: present.* hold the prompt's n positions before the user's, and so must a past given back.
             "cache_holds_prompt": bool(optimization and optimization.get("cache_holds_prompt")),
+            # True: past_key_values.* and present.* may be one preallocated (B, KV, M, D) buffer bound to both.
+            "past_present_share_buffer": bool(optimization and optimization.get("past_present_share_buffer")),
         },
         "graphs": graphs,
         "opset": opset,

@@ -59,6 +59,8 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
                                  lambda path, candidate: _build(build_llama, ref, path, candidate, external_data),
                                  untimed_above=UNTIMED_BYTES)
             entry["cache_holds_prompt"] = entry["kept"] == "fused"  # the built graph's cache convention
+            # ... and its past and present may be one buffer (build_llama's docstring)
+            entry["past_present_share_buffer"] = entry["kept"] == "fused"
             if entry["kept"] == "fused":
                 entry["min_onnxruntime"] = build_llama.MIN_ONNXRUNTIME
             return entry

@@ -3,6 +3,8 @@
 Both loops are generators of one token column per step, so ``generate`` collects them and ``stream`` yields them.
 The KV cache goes from one step's ``present.*`` straight into the next step's ``past_key_values.*`` without a copy
 (device OrtValues on CUDA, onnxruntime-owned numpy buffers on CPU: see session.py); the past is never recomputed.
+Graphs that take one buffer as past and present (the fused Llama graph) go further on the CPU: after the prefill
+the cache lives in preallocated buffers that each step extends in place (``SharedKVCache``).
 Everything here lives for one call.
 
 Processor order follows transformers: repetition penalty, then (sampling only) temperature, top-k, top-p.
@@ -15,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .session import GraphRunner
+from .session import GraphRunner, SharedKVCache
 from .validation import GenerationParams
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -129,13 +131,18 @@ def graph_inputs(session) -> set:
 
 def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int, *,
                     device: str = "cpu", device_id: int = 0, logits_to_keep: bool = True,
-                    prompt_ids: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+                    prompt_ids: Optional[np.ndarray] = None, share_buffer: bool = False) -> Iterator[np.ndarray]:
     """Yield (B,) tokens: prefill on the left-padded prompt (B, L), then one token per step through the KV cache.
 
     The prefill asks for the last position's logits only (``logits_to_keep=1``) when the graph has that input.
     ``prompt_ids`` (B,) int64: each row's adapter in a multi-prompt folder, fed at every step.
+    ``share_buffer``: the graph takes one buffer as past and present (manifest ``model.past_present_share_buffer``);
+    on the CPU the steps after the prefill then write the cache in place (``SharedKVCache``, its buffers sized once
+    from the prefill's presents for the whole call). On CUDA the cache already stays on the device (GraphRunner).
     """
     runner = GraphRunner(session, device, device_id)
+    cache: Optional[SharedKVCache] = None
+    share_buffer = share_buffer and device == "cpu"
     names = graph_inputs(session)
     extra = {"logits_to_keep": np.array(1, np.int64)} if logits_to_keep and "logits_to_keep" in names else {}
     if prompt_ids is not None:
@@ -146,17 +153,26 @@ def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenCh
     past_names = [n for n in feed if n.startswith("past_key_values.")]
     ones = np.ones((ids.shape[0], 1), np.int64)
     for step in range(max_new_tokens):
-        host, kept = runner.run({**feed, **extra})
-        kept.update(host)
-        token = chooser(host["logits"][:, -1])  # (B,)
+        if cache is None:
+            host, kept = runner.run({**feed, **extra})
+            kept.update(host)
+            logits = host["logits"]
+        else:
+            logits = cache.run({**feed, **extra})
+        token = chooser(logits[:, -1])  # (B,)
         yield token
         if step == max_new_tokens - 1 or chooser.done:
             return
+        if share_buffer and cache is None:  # after the prefill: buffers with room for every step still to come
+            presents = {name: kept[_present(name)] for name in past_names}
+            filled = next(iter(presents.values())).shape[2]
+            cache, kept = SharedKVCache(session, presents, filled + max_new_tokens - 1 - step), {}
         mask = np.concatenate([mask, ones], 1)  # (B, L + step + 1); tiny next to the cache, which is never copied
         feed = {"input_ids": token[:, None], "attention_mask": mask}
         if "position_ids" in names:
             feed["position_ids"] = mask.sum(-1, keepdims=True) - 1
-        feed.update({name: kept[_present(name)] for name in past_names})
+        if cache is None:
+            feed.update({name: kept[_present(name)] for name in past_names})
 
 
 def seq2seq_steps(encoder, decoder, ids: np.ndarray, mask: np.ndarray, chooser: TokenChooser, max_new_tokens: int,

@@ -229,9 +229,15 @@ class CausalLM(_Generative):
     task = "causal-lm"
     required_padding = "left"
 
+    @property
+    def share_kv_buffer(self) -> bool:
+        """The graph takes one buffer as past and present (export/build_llama.py); older folders lack the key."""
+        return bool(self.manifest["model"].get("past_present_share_buffer", False))
+
     def _steps(self, ids, mask, chooser, params, prompt_ids=None):
         return gen.causal_lm_steps(self.sessions["model"], ids, mask, chooser, params.max_new_tokens,
-                                   device=self.device, device_id=self.device_id, prompt_ids=prompt_ids)
+                                   device=self.device, device_id=self.device_id, prompt_ids=prompt_ids,
+                                   share_buffer=self.share_kv_buffer)
 
 
 class Seq2SeqLM(_Generative):

@@ -181,3 +181,46 @@ class GraphRunner:
 def _contiguous(value) -> np.ndarray:
     # Not np.ascontiguousarray: it turns a 0-d array (a scalar input such as logits_to_keep) into shape (1,).
     return np.asarray(value, order="C")
+
+
+class SharedKVCache:
+    """Decoding steps whose past and present are ONE preallocated buffer per cache tensor: onnxruntime's
+    GroupQueryAttention sees the same memory bound as ``past_key_values.*`` and ``present.*`` (its
+    past_present_share_buffer mode, as onnxruntime-genai runs it) and writes each step's keys/values in place, where
+    a returned present is a new buffer that the kernel fills with a copy of the whole past, every layer and step.
+
+    For graphs whose manifest says ``model.past_present_share_buffer`` (export/build_llama.py), on the CPU. Built
+    from the prefill's presents (B, KV, T, D): each buffer is (B, KV, ``capacity``, D) with those T positions
+    first. Every buffer belongs to one call (runs change them in place); the session may be shared.
+    """
+
+    def __init__(self, session, presents: dict, capacity: int):
+        from onnxruntime import OrtValue
+
+        self.session = session
+        self.io = session.io_binding()
+        self.io.bind_output("logits", "cpu")  # get_outputs() lists outputs in the order they were bound: first
+        self._held: list = []  # the buffers, and their OrtValues, which point at the same memory
+        for past_name, present in presents.items():
+            batch, heads, filled, head_dim = present.shape
+            if capacity < filled:
+                raise ValueError(f"cache capacity {capacity} < the {filled} positions already filled")
+            buffer = np.zeros((batch, heads, capacity, head_dim), present.dtype)  # padding slots must be finite
+            buffer[:, :, :filled] = present
+            value = OrtValue.ortvalue_from_numpy(buffer)
+            self.io.bind_ortvalue_input(past_name, value)
+            self.io.bind_ortvalue_output(past_name.replace("past_key_values", "present", 1), value)
+            self._held.append((buffer, value))
+
+    def run(self, inputs: dict) -> np.ndarray:
+        """One step on ``inputs`` (the small ones: ids, mask, positions, ...); returns the logits."""
+        from onnxruntime import OrtValue
+
+        step = []  # OrtValues hold their arrays until the run is over
+        for name, value in inputs.items():
+            ort_value = OrtValue.ortvalue_from_numpy(_contiguous(value))
+            self.io.bind_ortvalue_input(name, ort_value)
+            step.append(ort_value)
+        self.session.run_with_iobinding(self.io)
+        return self.io.get_outputs()[0].numpy()
+

@@ -185,7 +185,8 @@ class Batcher:
                                       device_id=model.device_id, prompt_ids=prompt_ids(model, rows))
         else:
             steps = gen.causal_lm_steps(model.sessions["model"], ids, mask, chooser, longest, device=model.device,
-                                        device_id=model.device_id, prompt_ids=prompt_ids(model, rows))
+                                        device_id=model.device_id, prompt_ids=prompt_ids(model, rows),
+                                        share_buffer=cast(CausalLM, model).share_kv_buffer)
         for _ in steps:
             pass
         for row, reason in zip(rows, cast(_RowsChooser, chooser).reasons, strict=True):
