@@ -276,6 +276,46 @@ def test_logits_processors():
     assert int(greedy(logits)[0]) == 1  # token 0 was in the prompt: its logit -0.69 becomes -6.9
 
 
+def _full_sort_candidates(scores, top_k, top_p):
+    """The filters written the plain way (transformers' order, the whole vocabulary sorted): the oracle for
+    ``candidates``, which partitions instead."""
+    scores = scores.astype(np.float64).copy()
+    if top_k is not None and top_k < len(scores):
+        scores[scores < np.sort(scores)[-top_k]] = -np.inf
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-scores, kind="stable")
+        probs = np.exp(scores[order] - scores[order[0]])
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        scores[order[before >= top_p]] = -np.inf
+    ids = np.flatnonzero(np.isfinite(scores))
+    probs = np.exp(scores[ids] - scores[ids].max())
+    return ids, probs / probs.sum()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sampling_candidates_equal_a_full_sort(seed):
+    """top-k/top-p through partitions keep exactly the tokens a full sort keeps, with the same probabilities:
+    peaked and flat rows, ties at the cut, a vocabulary smaller and larger than the first nucleus."""
+    from ptuning_onnx.runtime.generation import NUCLEUS_FIRST, candidates
+
+    rng = np.random.default_rng(seed)
+    for vocab in (7, NUCLEUS_FIRST + 3, 5000):
+        for spread in (0.3, 3.0, 12.0):
+            row = (rng.standard_normal(vocab) * spread).astype(np.float32)
+            row[rng.integers(0, vocab, size=vocab // 5)] = row[0]  # ties
+            for top_k, top_p in ((None, 0.9), (None, 0.5), (None, 0.999), (50, None), (50, 0.8), (3, 0.95),
+                                 (vocab, 0.7), (None, None)):
+                ids, probs = candidates(row, top_k, top_p)
+                want_ids, want_probs = _full_sort_candidates(row, top_k, top_p)
+                got = np.arange(vocab) if ids is None else ids
+                np.testing.assert_array_equal(got, want_ids, err_msg=f"{vocab} {spread} {top_k} {top_p}")
+                np.testing.assert_allclose(probs, want_probs, rtol=1e-9, atol=1e-15)
+    # Negative control: the oracle does see a difference when the kept set differs.
+    row = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    assert not np.array_equal(_full_sort_candidates(row, None, 0.75)[0], _full_sort_candidates(row, None, 0.9)[0])
+
+
 def test_concurrent_calls_equal_serial(models):
     model = models["causal-lm"]
     texts = ["the cat", "hello world", "a b c d e f", "sat on the mat"]

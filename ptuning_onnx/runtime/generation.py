@@ -100,21 +100,57 @@ class TokenChooser:
             with np.errstate(over="ignore"):
                 scores -= scores.max(-1, keepdims=True)
                 scores /= np.float32(p.temperature)
-        if p.top_k is not None and p.top_k < scores.shape[-1]:
-            kth = np.partition(scores, -p.top_k, axis=-1)[:, -p.top_k, None]
-            scores[scores < kth] = -np.inf  # ties with the k-th are kept, as in transformers
-        if p.top_p is not None and p.top_p < 1.0:
-            order = np.argsort(-scores, axis=-1, kind="stable")
-            probs = _softmax(np.take_along_axis(scores, order, -1))
-            before = np.cumsum(probs, -1) - probs  # mass of the tokens ranked above; the first is always kept
-            remove = np.zeros_like(scores, dtype=bool)
-            np.put_along_axis(remove, order, before >= p.top_p, -1)
-            scores[remove] = -np.inf
-        probs = _softmax(scores)
-        cumulative = np.cumsum(probs, -1)
-        # Inverse CDF with a threshold in (0, total]: a zero-probability token can never be picked.
-        threshold = (1.0 - rng.random((scores.shape[0], 1))) * cumulative[:, -1:]  # same draws as random(B)
-        return np.minimum((cumulative < threshold).sum(-1), scores.shape[-1] - 1)
+        # Inverse CDF over each row's candidates in vocabulary order, with a threshold in (0, total]: a
+        # zero-probability token can never be picked. One draw per row, as random(B).
+        draws = 1.0 - rng.random(scores.shape[0])
+        tokens = np.empty(scores.shape[0], np.int64)
+        for row, (values, draw) in enumerate(zip(scores, draws, strict=True)):
+            ids, probs = candidates(values, p.top_k, p.top_p)
+            cumulative = np.cumsum(probs)
+            pick = min(int((cumulative < draw * cumulative[-1]).sum()), len(probs) - 1)
+            tokens[row] = pick if ids is None else ids[pick]
+        return tokens
+
+
+# Nucleus sampling sorts the best tokens only: first this many, then 4x more until they hold top_p of the mass.
+NUCLEUS_FIRST = 256
+
+
+def candidates(scores: np.ndarray, top_k: Optional[int] = None,
+               top_p: Optional[float] = None) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """One row's sampling candidates after top-k, then top-p, as transformers filters them: ``(ids, probs)``, the
+    kept token ids in ascending order (None: every token, in vocabulary order) and their probabilities (float64,
+    summing to 1).
+
+    top-k keeps ties with the k-th score. top-p keeps the best tokens, in descending score (ties by id), up to and
+    including the first whose cumulative mass reaches ``top_p``. Neither sorts the vocabulary: top-k partitions it,
+    and top-p sorts only the best ``NUCLEUS_FIRST`` tokens (ties with the last included), growing that set only
+    while it holds less than ``top_p`` of the mass, so a 32,000-token vocabulary costs a partition, not a sort.
+    """
+    vocab = scores.shape[-1]
+    ids: Optional[np.ndarray] = None
+    if top_k is not None and top_k < vocab:
+        ids = np.flatnonzero(scores >= np.partition(scores, -top_k)[-top_k])
+    if top_p is not None and top_p < 1.0:
+        pool = np.arange(vocab) if ids is None else ids
+        values = scores[pool].astype(np.float64)
+        weights = np.exp(values - values.max())
+        total = weights.sum()
+        size = NUCLEUS_FIRST
+        while True:
+            if size < len(pool):
+                best = np.flatnonzero(values >= np.partition(values, -size)[-size])  # ties with the last included
+            else:
+                best = np.arange(len(pool))
+            best = best[np.argsort(-values[best], kind="stable")]  # descending; ties keep ascending ids
+            mass = weights[best] / total
+            before = np.cumsum(mass) - mass  # the mass ranked above each; the first is always kept
+            if len(best) == len(pool) or mass.sum() >= top_p:  # any token left out has >= top_p above it
+                ids = np.sort(pool[best[before < top_p]])
+                break
+            size *= 4
+    values = scores if ids is None else scores[ids]
+    return ids, _softmax(values)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
