@@ -104,10 +104,10 @@ class TokenChooser:
         # zero-probability token can never be picked. One draw per row, as random(B).
         draws = 1.0 - rng.random(scores.shape[0])
         tokens = np.empty(scores.shape[0], np.int64)
-        for row, (values, draw) in enumerate(zip(scores, draws, strict=True)):
-            ids, probs = candidates(values, p.top_k, p.top_p)
+        for row in range(scores.shape[0]):
+            ids, probs = candidates(scores[row], p.top_k, p.top_p)
             cumulative = np.cumsum(probs)
-            pick = min(int((cumulative < draw * cumulative[-1]).sum()), len(probs) - 1)
+            pick = min(int((cumulative < draws[row] * cumulative[-1]).sum()), len(probs) - 1)
             tokens[row] = pick if ids is None else ids[pick]
         return tokens
 
