@@ -102,7 +102,7 @@ class TokenChooser:
                 scores /= np.float32(p.temperature)
         # Inverse CDF over each row's candidates in vocabulary order, with a threshold in (0, total]: a
         # zero-probability token can never be picked. One draw per row, as random(B).
-        draws: np.ndarray = 1.0 - rng.random(scores.shape[0])
+        draws = 1.0 - rng.random((scores.shape[0],))
         tokens = np.empty(scores.shape[0], np.int64)
         for row in range(scores.shape[0]):
             ids, probs = candidates(scores[row], p.top_k, p.top_p)
