@@ -373,6 +373,14 @@ def test_cli_errors_are_one_line(peft_adapters, tmp_path, capsys):
     lines = _error_lines(capsys.readouterr().err)
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: parity check failed")
     assert export_cli.main(["--base-model", str(MODELS / "gpt2")]) == 2  # argparse usage error
+    capsys.readouterr()
+    for flags, message in ((["--quantize", "int4", "--int4-block-size", "48"], "error: int4 block size must be one of"),
+                           (["--int4-block-size", "128"], "error: --int4-block-size goes with --quantize int4")):
+        code = export_cli.main(["--base-model", str(MODELS / "gpt2"), "--adapter", str(peft_adapters["causal-lm"]),
+                                "--output", str(tmp_path / "o"), "--quiet", *flags])
+        lines = _error_lines(capsys.readouterr().err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(message)
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_export_and_verify(peft_adapters, tmp_path, capsys):

@@ -37,14 +37,23 @@ def test_quantized_exports_pass_the_gate(peft_adapters, tmp_path, quantize, task
     assert ("MatMulNBits" if quantize == "int4" else "MatMulInteger") in ops
 
 
-def test_int4_quantizes_the_lm_head(peft_adapters, tmp_path):
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_int4_quantizes_the_lm_head(peft_adapters, tmp_path, block_size):
+    """Every constant MatMul, the lm_head included, with the block size asked for (--int4-block-size), recorded in
+    the manifest; the quantized gate passes at either size."""
     import onnx
+    from onnx import helper
 
     result = export(MODELS / "llama", peft_adapters["causal-lm-llama"], tmp_path / "out", quantize="int4",
-                    progress=False)
+                    progress=False, int4_block_size=block_size)
+    assert result.report["passed"]
+    assert result.manifest["quantization"] == {"method": "MatMulNBits", "bits": 4, "block_size": block_size,
+                                               "symmetric": True, "accuracy_level": 4}
     graph = onnx.load(str(result.path / "model.onnx")).graph
     producers = {out: node for node in graph.node for out in node.output}
     assert producers["logits"].op_type == "MatMulNBits"  # the lm_head, the largest matmul of a small-vocab model
+    assert {helper.get_attribute_value(a) for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "block_size"} == {block_size}
     assert not any(node.op_type == "MatMul" and any(i in {t.name for t in graph.initializer} for i in node.input)
                    for node in graph.node)  # no constant-weight MatMul left in fp32
 
@@ -133,6 +142,10 @@ def test_quantize_with_fp16_is_refused(peft_adapters, tmp_path):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", dtype="fp16")
     with pytest.raises(ConfigError, match="int2"):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int2")
+    with pytest.raises(ConfigError, match="block size must be one of 16, 32, 64, 128, 256, got 48"):
+        export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", int4_block_size=48)
+    with pytest.raises(ConfigError, match="--int4-block-size goes with --quantize int4"):
+        export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int8", int4_block_size=128)
     assert not (tmp_path / "out").exists()
 
 

@@ -30,6 +30,7 @@ from . import _optimum, graph_io
 from .genai import write_genai_config
 from .golden import write_golden
 from .passes import DTYPES, QUANTIZE, apply_passes, check_options  # noqa: F401  (DTYPES, QUANTIZE re-exported)
+from .optimize import quantization_entry
 from .wrappers import CausalLMGraph, EncoderTaskGraph, GraphSpec, Seq2SeqDecoderGraph, Seq2SeqEncoderGraph
 
 
@@ -109,10 +110,12 @@ def _missing_task():
 def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *, task=None, opset: int = 18,
            dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
            atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
-           progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None) -> ExportResult:
+           progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None,
+           int4_block_size: int = 32) -> ExportResult:
     """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity.
 
-    ``quantize``: None, ``"int8"`` (dynamic int8 MatMul) or ``"int4"`` (weight-only 4-bit MatMulNBits).
+    ``quantize``: None, ``"int8"`` (dynamic int8 MatMul) or ``"int4"`` (weight-only 4-bit MatMulNBits, one scale
+    per ``int4_block_size`` weights: 16, 32, 64, 128 or 256).
     ``external_data``: weights in ``<graph>.onnx.data`` beside each graph; None (default) decides by size, since
     protobuf cannot hold more than 2 GiB.
     """
@@ -120,7 +123,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
 
     output = _check_output(output, overwrite)
     check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
-                  skip_verify=skip_verify)
+                  skip_verify=skip_verify, int4_block_size=int4_block_size)
     if quantize and Path(adapter, "template.json").is_file():
         raise ConfigError("--quantize is not done for templated adapters yet (its gate draws inputs without the "
                           "template's placeholders); export fp32 or fp16")
@@ -145,10 +148,12 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
 
         optimization, exact = apply_passes(tmp, graphs, ref.base.config, task, log, optimize=optimize, dtype=dtype,
                                            quantize=quantize, external_data=external_data,
-                                           exact_fp32=None if skip_verify else exact_fp32, ref=ref)
+                                           exact_fp32=None if skip_verify else exact_fp32, ref=ref,
+                                           int4_block_size=int4_block_size)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
                                    quantize, optimization, route)
+        manifest["quantization"] = quantization_entry(quantize, int4_block_size)
         # onnxruntime-genai's sidecar, hashed below like every other file. genai sizes each present as its own
         # count of tokens, so a graph whose cache also holds the prompt's positions (a fused Llama) gets none.
         # A templated graph needs placeholder ids that genai cannot make: without them it would run prefix-only.

@@ -40,6 +40,7 @@ from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
 from .passes import apply_passes, check_options
+from .optimize import quantization_entry
 from .multi_seq2seq import MultiSeq2SeqDecoderGraph, MultiSeq2SeqEncoderGraph
 from .prompt_tables import PROMPT_IDS, gather_prompts, padded, register_prompts
 from .genai import write_genai_config
@@ -253,7 +254,8 @@ class MultiEncoderGraph(nn.Module):
 def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *, task=None, opset: int = 18,
                  dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
                  atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
-                 progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None) -> ExportResult:
+                 progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None,
+                 int4_block_size: int = 32) -> ExportResult:
     """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``.
 
     ``dtype``, ``optimize``, ``quantize``: the single export's passes (passes.py), in the same order. Parity: each
@@ -267,6 +269,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
 
     output = _check_output(output, overwrite)
     check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
+                  int4_block_size=int4_block_size,
                   skip_verify=skip_verify)
     if device != "cpu" and not skip_verify:
         raise ConfigError(f"--device {device}: a multi-prompt export's parity runs on the CPU; check the folder on a "
@@ -309,7 +312,8 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
         optimization, exact = apply_passes(tmp, graphs, first.base.config, first.task, log, optimize=optimize,
                                            dtype=dtype, quantize=quantize, external_data=external_data,
                                            exact_fp32=None if skip_verify else exact_fp32,
-                                           raw_attention_mask=True)  # shorter prompts leave masked slots
+                                           raw_attention_mask=True,  # shorter prompts leave masked slots
+                                           int4_block_size=int4_block_size)
         _copy_side_files(Path(base_model), first, tmp)
         if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
             width = max(label_info(ref)["num_labels"] for ref in ordered)
@@ -318,6 +322,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             config.label2id = {f"LABEL_{i}": i for i in range(width)}
             config.save_pretrained(tmp)
         manifest = manifest_for(dtype, quantize, optimization)
+        manifest["quantization"] = quantization_entry(quantize, int4_block_size)
         if first.task == TaskType.CAUSAL_LM:  # genai feeds prompt_ids with generator.set_model_input (FORMAT.md)
             write_genai_config(tmp, manifest)
         report = None
