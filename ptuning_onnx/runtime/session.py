@@ -200,17 +200,20 @@ class SharedKVCache:
         self.session = session
         self.io = session.io_binding()
         self.io.bind_output("logits", "cpu")  # get_outputs() lists outputs in the order they were bound: first
-        self._held: list = []  # the buffers, and their OrtValues, which point at the same memory
+        self._held: list = []  # the OrtValues, which point at the buffers' memory
+        self.buffers: dict = {}  # past name -> (B, KV, capacity, D)
+        self.filled = 0  # positions written so far
         for past_name, present in presents.items():
-            batch, heads, filled, head_dim = present.shape
-            if capacity < filled:
-                raise ValueError(f"cache capacity {capacity} < the {filled} positions already filled")
+            batch, heads, self.filled, head_dim = present.shape
+            if capacity < self.filled:
+                raise ValueError(f"cache capacity {capacity} < the {self.filled} positions already filled")
             buffer = np.zeros((batch, heads, capacity, head_dim), present.dtype)  # padding slots must be finite
-            buffer[:, :, :filled] = present
+            buffer[:, :, :self.filled] = present
             value = OrtValue.ortvalue_from_numpy(buffer)
             self.io.bind_ortvalue_input(past_name, value)
             self.io.bind_ortvalue_output(past_name.replace("past_key_values", "present", 1), value)
-            self._held.append((buffer, value))
+            self.buffers[past_name] = buffer
+            self._held.append(value)
 
     def run(self, inputs: dict) -> np.ndarray:
         """One step on ``inputs`` (the small ones: ids, mask, positions, ...); returns the logits."""
@@ -222,5 +225,10 @@ class SharedKVCache:
             self.io.bind_ortvalue_input(name, ort_value)
             step.append(ort_value)
         self.session.run_with_iobinding(self.io)
+        self.filled += inputs["input_ids"].shape[1]
         return self.io.get_outputs()[0].numpy()
+
+    def past(self) -> dict:
+        """The cache so far, past name -> (B, KV, filled, D): views of the buffers (valid until the next run)."""
+        return {name: buffer[:, :, :self.filled] for name, buffer in self.buffers.items()}
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..runtime import generation as gen
+from ..runtime.session import SharedKVCache
 
 if TYPE_CHECKING:
     from .batcher import Batcher
@@ -33,6 +34,9 @@ class _Running:
                  prompts: Optional[np.ndarray] = None):
         self.rows, self.choosers, self.past, self.mask, self.last = rows, choosers, past, mask, last
         self.prompts = prompts  # (B,) prompt ids of a multi-prompt folder, fed at every step; else None
+        # Graphs that take one buffer as past and present: the buffers the steps write in place, made at the first
+        # step after the rows changed (a join or a leave re-lays the cache out, and the buffers with it).
+        self.cache: Optional[SharedKVCache] = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -41,6 +45,7 @@ class _Running:
         """Keep rows ``index`` only, then drop the leading columns no kept row attends to."""
         self.rows = [self.rows[i] for i in index]
         self.choosers = [self.choosers[i] for i in index]
+        self.cache = None
         self.mask, self.last = self.mask[index], self.last[index]
         if self.prompts is not None:
             self.prompts = self.prompts[index]
@@ -58,6 +63,7 @@ class _Running:
         return value.shape[2] - self.mask.shape[1]
 
     def merge(self, other: "_Running") -> None:
+        self.cache = None
         width = max(self.mask.shape[1], other.mask.shape[1])
         self.past = {name: np.concatenate([_left_after(value, self._lead(value), width),
                                            _left_after(other.past[name], other._lead(other.past[name]), width)])
@@ -101,6 +107,7 @@ class Continuous:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.pending: list = []  # rows taken from the queue that did not fit yet
         self.limit = self.model.max_user_tokens
+        self.share_buffer = bool(getattr(self.model, "share_kv_buffer", False))  # CausalLM's manifest entry
 
     def run(self) -> None:
         running: Optional[_Running] = None
@@ -212,20 +219,29 @@ class Continuous:
         from .batcher import _step
 
         mask = np.concatenate([batch.mask, np.ones((len(batch), 1), np.int64)], 1)  # (B, P + 1)
-        feed = {"input_ids": batch.last[:, None], "attention_mask": mask, **batch.past}
+        feed = {"input_ids": batch.last[:, None], "attention_mask": mask}
         if "position_ids" in self.names:
             feed["position_ids"] = mask.sum(-1, keepdims=True) - 1
         if batch.prompts is not None:
             feed["prompt_ids"] = batch.prompts
         try:
             self.b.on_batch("generate", len(batch))
-            out = dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+            if self.share_buffer:
+                if batch.cache is None:  # room for the cache so far and every step any row may still take
+                    lead = batch._lead(next(iter(batch.past.values())))
+                    batch.cache = SharedKVCache(self.session, batch.past, lead + batch.length_needed())
+                logits = batch.cache.run(feed)[:, -1]  # (B, V)
+                batch.past = batch.cache.past()
+            else:
+                out = dict(zip(self.output_names, self.session.run(self.output_names, {**feed, **batch.past}),
+                               strict=True))
+                logits = out["logits"][:, -1]
+                batch.past = {name: out[name.replace("past_key_values", "present", 1)] for name in self.past_names}
         except Exception as exc:
             for row in batch.rows:
                 row.emit("error", row.index, exc)
             batch.keep([])
             return
-        logits = out["logits"][:, -1]  # (B, V)
         reasons: list = []
         tokens = np.full(len(batch), self.model.pad_token_id, np.int64)
         for i, (row, chooser) in enumerate(zip(batch.rows, batch.choosers, strict=True)):
@@ -238,7 +254,6 @@ class Continuous:
             reasons.append(_step(self.model, row, token))
         self.b.on_tokens(sum(r != "cancelled" for r in reasons))
         batch.mask, batch.last = mask, tokens
-        batch.past = {name: out[name.replace("past_key_values", "present", 1)] for name in self.past_names}
         self._finish(batch, reasons)
 
     def _finish(self, batch: _Running, reasons: list) -> None:
