@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights per int4 scale: 16, 32 (default, as onnxruntime-genai), 64, 128 or 256; larger "
                         "blocks are smaller and faster on the CPU and less exact (the quantized gate still applies)")
     p.add_argument("--external-data", action="store_true",
-                   help="always keep weights in <graph>.onnx.data (default: only when over 1 GiB, as protobuf "
-                        "cannot hold 2 GiB)")
+                   help="always keep weights in <graph>.onnx.data (default: when over 64 MiB, where onnxruntime maps "
+                        "them instead of copying: faster loads, half the peak memory)")
     p.add_argument("--atol", type=float, help="parity tolerance (default 1e-4 fp32, 1e-2 + 2%% of scale fp16); quantized graphs have their own gate "
                         "(docs/FORMAT.md)")
     p.add_argument("--skip-verify", action="store_true", help="do not run the parity check (not recommended)")
