@@ -84,10 +84,15 @@ def test_a_runtime_too_old_for_the_fused_graph_is_named(built, tmp_path):
 def _fused_model(built, tmp_path, share_buffer: bool = True):
     """A runtime model of the fused graph, whatever the export's timing kept, with the manifest's cache entries
     as the builder's graph has them (``share_buffer`` False: the runtime's copying loop)."""
+    from ptuning_onnx import runtime
+
+    return runtime.load(_fused_folder(built, tmp_path, share_buffer), verify=False)
+
+
+def _fused_folder(built, tmp_path, share_buffer: bool = True):
     import shutil
 
     from ptuning_onnx import manifest as mf
-    from ptuning_onnx import runtime
 
     fused, adapter, _ = built
     folder = tmp_path / f"folder-{share_buffer}"
@@ -95,8 +100,9 @@ def _fused_model(built, tmp_path, share_buffer: bool = True):
     build_llama.build(load_reference(MODELS / "llama", load_adapter(adapter), None), folder / "model.onnx")
     manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
     manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=share_buffer)
+    manifest["files"] = mf.hash_files(folder, list(manifest["files"]))  # the new graph's hash
     (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
-    return runtime.load(folder, verify=False)
+    return folder
 
 
 def _padded_rows(seed: int, lengths) -> tuple:
@@ -202,10 +208,13 @@ def test_optimize_on_gpt2_says_why_no_graph_was_built(peft_adapters, tmp_path):
     assert decision["recipe"] == "gpt2" and "model type 'gpt2'" in decision["builder"]
 
 
-def test_service_batches_a_fused_folder_like_rows_alone(built):
+@pytest.mark.parametrize("share_buffer", [True, False])
+def test_service_batches_a_fused_folder_like_rows_alone(built, tmp_path, share_buffer):
     """The fused graph's cache holds the prompt's positions first; the service's continuous batcher trims and pads
-    caches when rows join and leave. Staggered requests through the REAL server equal each row alone through the
-    runtime, and the batch-size histogram shows that they ran together."""
+    caches when rows join and leave, and decodes in shared buffers (rebuilt at each join and leave, sized for the
+    longest row left) or with the copying loop. Staggered requests of different lengths through the REAL server
+    equal each row alone through the runtime's copying loop, and the batch-size histogram shows that they ran
+    together."""
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
     import time
@@ -214,10 +223,9 @@ def test_service_batches_a_fused_folder_like_rows_alone(built):
     from ptuning_onnx import runtime
     from test_serve import Server, _alone, _metric, _post
 
-    fused, _, _ = built
-    assert fused.manifest["optimization"]["kept"] == "fused" or pytest.skip("the timing kept the traced graph")
-    oracle = runtime.load(fused.path, provider="cpu", threads=1)
-    server = Server(fused.path, "--max-batch-size", "8", "--max-wait-ms", "30").wait()
+    folder = _fused_folder(built, tmp_path, share_buffer)
+    oracle = runtime.load(_fused_folder(built, tmp_path / "oracle", False), provider="cpu", threads=1)
+    server = Server(folder, "--max-batch-size", "8", "--max-wait-ms", "30").wait()
     try:
         rng = np.random.default_rng(5)
         requests = [{"input_ids": [rng.integers(4, 1000, size=int(rng.integers(1, 20))).tolist()],

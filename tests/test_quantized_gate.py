@@ -144,8 +144,12 @@ def test_quantize_with_fp16_is_refused(peft_adapters, tmp_path):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int2")
     with pytest.raises(ConfigError, match="block size must be one of 16, 32, 64, 128, 256, got 48"):
         export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", int4_block_size=48)
-    with pytest.raises(ConfigError, match="--int4-block-size goes with --quantize int4"):
-        export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int8", int4_block_size=128)
+    for quantize, size in (("int8", 128), (None, 32)):  # the default size, asked for, is still out of place
+        with pytest.raises(ConfigError, match="--int4-block-size goes with --quantize int4"):
+            export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize=quantize,
+                   int4_block_size=size)
+    with pytest.raises(ConfigError, match="got 128.0"):
+        export(MODELS / "gpt2", peft_adapters["causal-lm"], tmp_path / "out", quantize="int4", int4_block_size=128.0)
     assert not (tmp_path / "out").exists()
 
 

@@ -316,6 +316,22 @@ def test_sampling_candidates_equal_a_full_sort(seed):
     assert not np.array_equal(_full_sort_candidates(row, None, 0.75)[0], _full_sort_candidates(row, None, 0.9)[0])
 
 
+@pytest.mark.parametrize("kw", [{}, {"do_sample": True, "seed": 0}, {"do_sample": True, "seed": 0, "top_k": 2},
+                                {"do_sample": True, "seed": 0, "top_p": 0.9}])
+def test_nan_logits_are_named(kw):
+    from ptuning_onnx.runtime import NaNLogitsError
+    from ptuning_onnx.runtime.generation import TokenChooser
+    from ptuning_onnx.runtime.validation import GenerationParams
+
+    none = np.zeros((2, 1), np.int64)
+    chooser = TokenChooser(GenerationParams(max_new_tokens=1, **kw), none, none, 4, 0)
+    logits = np.array([[0.1, 0.2, 0.3, 0.4], [0.1, np.nan, 0.3, 0.4]], np.float32)
+    with pytest.raises(NaNLogitsError, match=r"NaN logits \(rows \[1\]\)"):
+        chooser(logits)
+    one = TokenChooser(GenerationParams(max_new_tokens=1, **kw), none[:1], none[:1], 4, 0)
+    assert 0 <= int(one(logits[:1])[0]) < 4  # finite logits still get their token
+
+
 def test_concurrent_calls_equal_serial(models):
     model = models["causal-lm"]
     texts = ["the cat", "hello world", "a b c d e f", "sat on the mat"]

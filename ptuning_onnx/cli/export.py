@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept only if they time faster on this model; the decision goes in the manifest")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="int8: dynamic int8 MatMul; int4: weight-only 4-bit MatMulNBits, lm_head included")
-    p.add_argument("--int4-block-size", type=int, default=32, metavar="N",
+    p.add_argument("--int4-block-size", type=int, metavar="N",
                    help="weights per int4 scale: 16, 32 (default, as onnxruntime-genai), 64, 128 or 256; larger "
                         "blocks are smaller and faster on the CPU and less exact (the quantized gate still applies)")
     p.add_argument("--external-data", action="store_true",

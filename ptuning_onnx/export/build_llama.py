@@ -24,8 +24,8 @@ leading positions when it trims or pads a cache. Inside:
   always 0), so left padding works; every row's ``seqlens_k`` is the full buffer, as padding is in the bias;
 - rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``;
 - past and present may be ONE preallocated buffer (B, KV, M, D), bound as both (GroupQueryAttention's
-  past_present_share_buffer mode, as onnxruntime-genai runs its graphs): each step writes its keys/values in place
-  at positions n + T - S .. n + T - 1 and nothing is copied. The runtime's CPU loop does this after the prefill
+  past_present_share_buffer mode, as onnxruntime-genai runs its graphs): each step writes its S keys/values in
+  place at positions n + T - S .. n + T - 1 (T: the mask's length, past and new tokens) and nothing is copied. The runtime's CPU loop does this after the prefill
   (manifest ``model.past_present_share_buffer``, runtime/session.py ``SharedKVCache``).
 
 Weights come from the reference model's own tensors, q|k|v and gate|up packed into one MatMul each, so the int8

@@ -111,11 +111,11 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
            dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
            atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
            progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None,
-           int4_block_size: int = 32) -> ExportResult:
+           int4_block_size: Optional[int] = None) -> ExportResult:
     """Export ``base_model`` + P-tuning ``adapter`` to an ONNX folder at ``output`` and verify parity.
 
     ``quantize``: None, ``"int8"`` (dynamic int8 MatMul) or ``"int4"`` (weight-only 4-bit MatMulNBits, one scale
-    per ``int4_block_size`` weights: 16, 32, 64, 128 or 256).
+    per ``int4_block_size`` weights: 16, 32 (None: the default), 64, 128 or 256).
     ``external_data``: weights in ``<graph>.onnx.data`` beside each graph; None (default) decides by size, since
     protobuf cannot hold more than 2 GiB.
     """

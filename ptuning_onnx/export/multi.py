@@ -255,7 +255,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
                  dtype: str = "fp32", device: str = "cpu", optimize: bool = False, quantize: Optional[str] = None,
                  atol: Optional[float] = None, skip_verify: bool = False, overwrite: bool = False,
                  progress: bool = True, exporter: str = "auto", external_data: Optional[bool] = None,
-                 int4_block_size: int = 32) -> ExportResult:
+                 int4_block_size: Optional[int] = None) -> ExportResult:
     """Export ``{name: adapter_dir}`` over ``base_model`` as ONE multi-prompt folder at ``output``.
 
     ``dtype``, ``optimize``, ``quantize``: the single export's passes (passes.py), in the same order. Parity: each

@@ -24,11 +24,12 @@ INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def quantize_graph(path: Path, quantize: str, *, external_data: Optional[bool] = None,
-                   int4_block_size: int = INT4_BLOCK_SIZE) -> None:
+                   int4_block_size: Optional[int] = None) -> None:
+    """``int4_block_size``: weights per scale (None: ``INT4_BLOCK_SIZE``)."""
     if quantize == "int8":
         _quantize_int8(path, external_data)
     elif quantize == "int4":
-        _quantize_int4(path, external_data, int4_block_size)
+        _quantize_int4(path, external_data, int4_block_size or INT4_BLOCK_SIZE)
     else:
         raise ExportError(f"unknown quantization {quantize!r}")
 
@@ -115,11 +116,11 @@ def _linear(node) -> bool:
             and _attr(node, "beta", 1.0) == 1.0)
 
 
-def quantization_entry(quantize: Optional[str], int4_block_size: int = INT4_BLOCK_SIZE) -> Optional[dict]:
+def quantization_entry(quantize: Optional[str], int4_block_size: Optional[int] = None) -> Optional[dict]:
     """The manifest's ``quantization``: how the int4 weights were made (None for other graphs)."""
     if quantize != "int4":
         return None
-    return {"method": "MatMulNBits", "bits": 4, "block_size": int4_block_size, "symmetric": True,
+    return {"method": "MatMulNBits", "bits": 4, "block_size": int4_block_size or INT4_BLOCK_SIZE, "symmetric": True,
             "accuracy_level": INT4_ACCURACY_LEVEL}
 
 

@@ -18,7 +18,7 @@ QUANTIZE = (None, "int8", "int4")
 
 
 def check_options(*, dtype: str, device: str, quantize: Optional[str], external_data, opset, skip_verify: bool,
-                  int4_block_size: int = 32) -> None:
+                  int4_block_size: Optional[int] = None) -> None:
     """The export options every export shares (single and multi-prompt), refused before anything loads."""
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
@@ -34,13 +34,14 @@ def check_options(*, dtype: str, device: str, quantize: Optional[str], external_
         raise ConfigError(f"unknown quantization {quantize!r}; expected one of: {', '.join(QUANTIZE[1:])}")
     if dtype == "fp16" and quantize:
         raise ConfigError(f"--quantize {quantize} works on fp32 graphs; drop --dtype fp16")
-    from .optimize import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES
+    from .optimize import INT4_BLOCK_SIZES
 
-    if isinstance(int4_block_size, bool) or int4_block_size not in INT4_BLOCK_SIZES:
-        raise ConfigError(f"int4 block size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
-                          f"got {int4_block_size!r}")
-    if int4_block_size != INT4_BLOCK_SIZE and quantize != "int4":
-        raise ConfigError("--int4-block-size goes with --quantize int4")
+    if int4_block_size is not None:
+        if quantize != "int4":
+            raise ConfigError("--int4-block-size goes with --quantize int4")
+        if type(int4_block_size) is not int or int4_block_size not in INT4_BLOCK_SIZES:
+            raise ConfigError(f"int4 block size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
+                              f"got {int4_block_size!r}")
     if external_data not in (None, True, False):
         raise ConfigError(f"external_data must be None, True or False, got {external_data!r}")
     if not isinstance(opset, int) or not 14 <= opset <= 21:
@@ -49,7 +50,7 @@ def check_options(*, dtype: str, device: str, quantize: Optional[str], external_
 
 def apply_passes(tmp: Path, graphs: list, config, task: TaskType, log, *, optimize: bool, dtype: str,
                  quantize: Optional[str], external_data: Optional[bool], exact_fp32=None,
-                 raw_attention_mask: bool = False, ref=None, int4_block_size: int = 32) -> tuple:
+                 raw_attention_mask: bool = False, ref=None, int4_block_size: Optional[int] = None) -> tuple:
     """The optional passes over the traced graphs in ``tmp``, in order: fusions, fp16, quantization; shared by the
     single and the multi-prompt export. ``exact_fp32(optimization)``: the exact gate on the fp32 graph, run before
     quantizing (None with --skip-verify). ``raw_attention_mask``: for fusion.py (masks with holes: multi-prompt

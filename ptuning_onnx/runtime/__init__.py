@@ -9,6 +9,7 @@
 
 from .model import (CausalLM, FeatureExtractor, RuntimeModel, Seq2SeqLM, SequenceClassifier, TokenClassifier,
                     load)
+from .generation import NaNLogitsError
 from .golden import GoldenMismatchError, NoGoldenError, verify_golden
 from .session import ProviderError, SessionLoadError, cuda_available
 from .validation import (AttentionMaskError, EmptyInputError, GenerationConfigError, InputDtypeError, InputError,
@@ -19,5 +20,5 @@ __all__ = [
     "load", "RuntimeModel", "CausalLM", "Seq2SeqLM", "SequenceClassifier", "TokenClassifier", "FeatureExtractor",
     "InputError", "InputDtypeError", "TokenIdError", "EmptyInputError", "AttentionMaskError", "SequenceLengthError",
     "GenerationConfigError", "NoTokenizerError", "ProviderError", "SessionLoadError", "cuda_available",
-    "verify_golden", "GoldenMismatchError", "NoGoldenError",
+    "verify_golden", "GoldenMismatchError", "NoGoldenError", "NaNLogitsError",
 ]

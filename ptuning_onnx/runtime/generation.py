@@ -17,11 +17,16 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from ..errors import PtuningError
 from .session import GraphRunner, SharedKVCache
 from .validation import GenerationParams
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _F32_MAX = np.finfo(np.float32).max
+
+
+class NaNLogitsError(PtuningError, FloatingPointError):
+    """The graph returned NaN logits, from which no token can be chosen."""
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -73,6 +78,10 @@ class TokenChooser:
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         scores = np.array(logits, dtype=np.float32)  # a copy: fp16 graphs, and the processors write in place
+        bad = np.isnan(scores).any(-1)
+        if bad.any():
+            raise NaNLogitsError(f"the graph returned NaN logits (rows {np.flatnonzero(bad).tolist()}); an fp16 "
+                                     "graph may have overflowed: export fp32 or check the inputs")
         if self.seen is not None and scores.shape[-1] == self.seen.shape[-1]:
             penalty = np.float32(self.p.repetition_penalty)
             hit = scores[self.seen]
@@ -144,8 +153,9 @@ def candidates(scores: np.ndarray, top_k: Optional[int] = None,
                 best = np.arange(len(pool))
             best = best[np.argsort(-values[best], kind="stable")]  # descending; ties keep ascending ids
             mass = weights[best] / total
-            before = np.cumsum(mass) - mass  # the mass ranked above each; the first is always kept
-            if len(best) == len(pool) or mass.sum() >= top_p:  # any token left out has >= top_p above it
+            through = np.cumsum(mass)
+            before = through - mass  # the mass ranked above each; the first is always kept
+            if len(best) == len(pool) or through[-1] >= top_p:  # any token left out has >= top_p above it
                 ids = np.sort(pool[best[before < top_p]])
                 break
             size *= 4

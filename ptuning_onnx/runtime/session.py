@@ -201,6 +201,7 @@ class SharedKVCache:
         self.io = session.io_binding()
         self.io.bind_output("logits", "cpu")  # get_outputs() lists outputs in the order they were bound: first
         self._held: list = []  # the OrtValues, which point at the buffers' memory
+        self._step: list = []
         self.buffers: dict = {}  # past name -> (B, KV, capacity, D)
         self.filled = 0  # positions written so far
         for past_name, present in presents.items():
@@ -219,14 +220,15 @@ class SharedKVCache:
         """One step on ``inputs`` (the small ones: ids, mask, positions, ...); returns the logits."""
         from onnxruntime import OrtValue
 
-        step = []  # OrtValues hold their arrays until the run is over
+        self._step = []  # the bound inputs' OrtValues (and so their arrays) live until the next run rebinds them
         for name, value in inputs.items():
             ort_value = OrtValue.ortvalue_from_numpy(_contiguous(value))
             self.io.bind_ortvalue_input(name, ort_value)
-            step.append(ort_value)
+            self._step.append(ort_value)
         self.session.run_with_iobinding(self.io)
         self.filled += inputs["input_ids"].shape[1]
-        return self.io.get_outputs()[0].numpy()
+        # A copy: the bound logits buffer is reused by the next run.
+        return np.array(self.io.get_outputs()[0].numpy(), copy=True)
 
     def past(self) -> dict:
         """The cache so far, past name -> (B, KV, filled, D): views of the buffers (valid until the next run)."""

@@ -122,7 +122,7 @@ class Continuous:
                     if joined is not None:
                         if running is None:
                             running = joined
-                        else:
+                        elif len(joined):  # rows all answered at their first token leave the cache as it is
                             running.merge(joined)
                 if running is not None and len(running):
                     self._decode(running)
