@@ -321,3 +321,73 @@ def test_a_large_graph_keeps_the_fused_graph_untimed(peft_adapters, tmp_path, mo
     assert result.report["passed"] and result.manifest["model"]["cache_holds_prompt"]
     assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(result.path / "model.onnx")).graph.node}
     assert sorted(p.name for p in result.path.iterdir()) == sorted([*result.manifest["files"], "ptuning_onnx.json"])
+
+
+@pytest.fixture(scope="module")
+def multi_built(peft_adapters, tmp_path_factory):
+    """A multi-prompt export of the tiny Llama with --optimize: two PEFT adapters of 5 and 3 virtual tokens (the
+    shorter one leaves masked slots), plus a copy of the folder holding the fused graph, whatever the timing kept."""
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx.export.multi import export_multi, load_references
+
+    root = tmp_path_factory.mktemp("multi-built")
+    short = make_peft_adapter(root / "short", MODELS / "llama", "CAUSAL_LM", "AutoModelForCausalLM", seed=3,
+                              num_virtual_tokens=3)[1]
+    adapters = {"long": peft_adapters["causal-lm-llama"], "short": short}
+    result = export_multi(MODELS / "llama", adapters, root / "exported", optimize=True, progress=False)
+    refs, _ = load_references(MODELS / "llama", adapters)
+    folder = root / "fused"
+    shutil.copytree(result.path, folder)
+    build_llama.build([refs["long"], refs["short"]], folder / "model.onnx")
+    manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
+    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=True)
+    manifest["files"] = mf.hash_files(folder, list(manifest["files"]))
+    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return result, folder, refs, adapters
+
+
+def test_multi_prompt_export_builds_the_fused_graph(multi_built):
+    result, _, _, _ = multi_built
+    decision = result.manifest["optimization"]
+    assert decision["recipe"] == "ptuning-onnx llama builder" and result.report["passed"]
+    kept_fused = decision["kept"] == "fused"
+    assert result.manifest["model"]["past_present_share_buffer"] is kept_fused
+    assert (result.path / "genai_config.json").is_file() is not kept_fused  # genai sizes presents without slots
+
+
+def test_fused_multi_prompt_graph_passes_the_exact_gate(multi_built):
+    """The multi-prompt exact gate on the fused graph: every adapter's rows, padded batches, greedy steps through
+    the cache, and rows given the other adapter's id must miss (the negative control)."""
+    from ptuning_onnx.parity_multi import check_multi
+
+    _, folder, refs, _ = multi_built
+    manifest = json.loads((folder / "ptuning_onnx.json").read_text())
+    report = check_multi(folder, {"long": refs["long"], "short": refs["short"]}, manifest, atol=1e-4)
+    assert report["passed"] and report["negative_control"]["failed_as_expected"]
+
+
+@pytest.mark.parametrize("share_buffer", [True, False])
+def test_fused_multi_prompt_graph_generates_what_each_adapter_generates(multi_built, share_buffer):
+    """A left-padded batch mixing both adapters, through the runtime (shared buffers and the copying loop), gives
+    each row PEFT's own greedy tokens for its adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ptuning_onnx import runtime
+
+    _, folder, _, adapters = multi_built
+    model = runtime.load(folder, verify=False)
+    model.manifest["model"]["past_present_share_buffer"] = share_buffer
+    rows, ids, mask = _padded_rows(8, (6, 11, 2, 9))
+    names = ["short", "long", "long", "short"]
+    ours = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], adapters=names)
+    for row, name, got in zip(rows, names, ours, strict=True):
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODELS / "llama"), adapters[name]).eval()
+        with torch.no_grad():
+            row_ids = torch.tensor([row])
+            out = peft.generate(input_ids=row_ids, attention_mask=torch.ones_like(row_ids), max_new_tokens=6,
+                                do_sample=False, pad_token_id=3, eos_token_id=None)
+        assert list(got) == out[0, len(row):].tolist(), name

@@ -116,16 +116,24 @@ class _Graph:
 
 def build(ref, path: Path, *, opset: int = 18, external_data: Optional[bool] = None) -> dict:
     """Write the fused graph of ``ref`` (a baked causal-lm ``PTuningModel``) to ``path``; returns its fused-op
-    counts."""
+    counts. ``ref`` may be a list of references of one base model: a multi-prompt graph (``prompt_ids`` input,
+    each row's prompt gathered from tables with N = the longest prompt's slots, as ``MultiCausalLMGraph``)."""
     import onnx
     from onnx import helper
 
+    refs = ref if isinstance(ref, (list, tuple)) else None
+    if refs is not None:
+        from .multi import MultiCausalLMGraph
+        from .prompt_tables import PROMPT_IDS
+
+        ref = refs[0]
     config = ref.base.config
     reason = unsupported(config)
     if reason:
         raise ValueError(f"no fused graph for this model: {reason}")
-    traced = CausalLMGraph(ref)  # the prompt's keys/values, as the traced graph holds them
-    spec = causal_spec(traced.num_layers)
+    # The prompts' keys/values, as the traced graph holds them
+    traced = CausalLMGraph(ref) if refs is None else MultiCausalLMGraph(list(refs))
+    spec = causal_spec(traced.num_layers, () if refs is None else (PROMPT_IDS,))
     params = {k: v.detach().float().numpy() for k, v in ref.base.state_dict().items()}  # views, no copies
     if external_data is None:
         external_data = sum(v.nbytes for v in params.values()) > graph_io.EXTERNAL_THRESHOLD
@@ -160,7 +168,8 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
 
     heads, kv_heads = config.num_attention_heads, traced.kv_heads
     head_dim = traced.head_dim
-    n, offset = traced.n, traced.offset
+    n = traced.n  # prompt slots: the prompt's positions, or the longest prompt's (multi-prompt)
+    multi = hasattr(traced, "prompt_mask")
     inner = "model."
 
     def weight(key: str) -> np.ndarray:
@@ -173,8 +182,16 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     ids_shape = g.op("Shape", ["input_ids"])
     batch = g.op("Gather", [ids_shape, zero], axis=0)  # (1,)
     seq = g.op("Gather", [ids_shape, one], axis=0)
-    prompt_ones = g.op("Expand", [g.const("ones", np.ones((1, n), np.int64)), g.op("Concat", [batch, one], axis=0)])
-    full_mask = g.op("Concat", [prompt_ones, "attention_mask"], axis=1)  # (B, n + T)
+    per_row2, per_row3 = g.op("Concat", [batch, one], axis=0), g.op("Concat", [batch, one, one], axis=0)
+
+    def rows_of(table: str, per_row: str) -> str:
+        """A (K, ...) prompt table -> (B, ...): each row's prompt (``prompt_ids``), or the one prompt for all."""
+        return g.op("Gather", [table, "prompt_ids"], axis=0) if multi else g.op("Expand", [table, per_row])
+
+    # Prompt slots a row attends to: all n of a single prompt; a shorter prompt's own (real first) of the N slots.
+    slots = traced.prompt_mask.numpy().astype(np.int64) if multi else np.ones((1, n), np.int64)
+    full_mask = g.op("Concat", [rows_of(g.const("prompt_mask", slots), per_row2), "attention_mask"],
+                     axis=1)  # (B, n + T)
     total = g.op("Gather", [g.op("Shape", [full_mask]), one], axis=0)  # (1,) n + T
     # The KV cache holds the prompt: ``present.*`` are (B, KV, n + T, D), and a past given back holds it too. At the
     # prefill (the past is empty) the prompt's keys/values join the NEW keys, each with a placeholder query whose
@@ -203,10 +220,17 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     total_i32 = g.op("Cast", [total_s], to=TensorProto.INT32)  # scalar
     seqlens = g.op("Expand", [g.op("Sub", [total_i32, g.const("one_i32", np.array(1, np.int32))]), batch],
                    hint="seqlens_k")  # (B,)
-    rotary_pos = g.op("Add", ["position_ids", g.const("offset", np.array(offset, np.int64))])
+    if multi:  # user position p of a row of adapter k sits at model position n_k + offset + p
+        offsets = g.const("offset", traced.prompt_offset.numpy().astype(np.int64))
+        rotary_pos = g.op("Add", ["position_ids", g.op("Unsqueeze", [g.op("Gather", [offsets, "prompt_ids"], axis=0),
+                                                                       one])])
+        limit_offset = int(traced.prompt_offset.max())
+    else:
+        rotary_pos = g.op("Add", ["position_ids", g.const("offset", np.array(traced.offset, np.int64))])
+        limit_offset = traced.offset
 
     # The reference's own rotary tables (its scaling included), one row per position.
-    limit = int(getattr(config, "max_position_embeddings", 2048)) + offset
+    limit = int(getattr(config, "max_position_embeddings", 2048)) + limit_offset
     with torch.no_grad():
         probe = torch.zeros(1, 1, head_dim)
         cos, sin = ref.base.model.rotary_emb(probe, torch.arange(limit).unsqueeze(0))
@@ -218,23 +242,21 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     inter = int(config.intermediate_size)
     qkv_sizes = g.const("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
     mlp_sizes = g.const("mlp_sizes", np.array([inter, inter], np.int64))
-    per_row3 = g.op("Concat", [batch, one, one], axis=0)
     axis1 = one
     end = g.const("end", np.array([np.iinfo(np.int64).max], np.int64))
 
-    def leads(hint: str, value: np.ndarray, parts: int) -> list:
-        """(1, n, W) constant -> ``parts`` tensors (B, n_new, W / parts): the first n_new (n or 0) positions for
-        every row. One Slice, Expand and Split for all layers, so a decoding step (n_new = 0) runs 3 empty nodes here
-        instead of 2 per tensor."""
-        lead = g.op("Expand", [g.op("Slice", [g.const(hint, value), zero, n_new, axis1]), per_row3])
-        return [lead] if parts == 1 else g.op("Split", [lead], outputs=parts, axis=-1, num_outputs=parts)
-
-    q_lead = leads("placeholder_q", np.zeros((1, n, heads * head_dim), np.float32), 1)[0]
-    # Every layer's prompt keys and values side by side, (1, n, layers * 2 * KV * D): k0 v0 k1 v1 ...
+    # The leads: the first n_new (n or 0) positions of (K, n, W) constants for every row, sliced, expanded (or
+    # gathered by prompt_ids) and split once for all layers, so a decoding step (n_new = 0) runs a few empty nodes
+    # here instead of two per tensor.
+    zeros_q = g.const("placeholder_q", np.zeros((1, n, heads * head_dim), np.float32))
+    q_lead = g.op("Expand", [g.op("Slice", [zeros_q, zero, n_new, axis1]), per_row3])
+    # Every layer's prompt keys and values side by side, (K, n, layers * 2 * KV * D): k0 v0 k1 v1 ...
     prompt_kv = np.concatenate([getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy()
-                                .transpose(0, 2, 1, 3).reshape(1, n, -1)
+                                .transpose(0, 2, 1, 3).reshape(len(slots), n, -1)
                                 for i in range(traced.num_layers) for kind in ("key", "value")], axis=-1)
-    kv_leads = leads("prompt_kv", prompt_kv, 2 * traced.num_layers)
+    parts = 2 * traced.num_layers
+    kv_leads = g.op("Split", [rows_of(g.op("Slice", [g.const("prompt_kv", prompt_kv), zero, n_new, axis1]),
+                                      per_row3)], outputs=parts, axis=-1, num_outputs=parts)
     residual = None
     for i in range(traced.num_layers):
         layer = f"layers.{i}."
@@ -258,8 +280,8 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
                  interleaved=0)
         new = [g.op("Concat", [lead, current], axis=1)
                for lead, current in ((q_lead, q), (kv_leads[2 * i], k), (kv_leads[2 * i + 1], v))]
-        past_k, past_v = spec.inputs[3 + 2 * i], spec.inputs[4 + 2 * i]
-        present_k, present_v = spec.outputs[1 + 2 * i], spec.outputs[2 + 2 * i]
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         out = g.op("GroupQueryAttention", [*new, past_k, past_v, seqlens, total_i32, "", "", "", bias],
                    outputs=[g.name("attention"), present_k, present_v], domain=MS, num_heads=heads,
                    kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))[0]
@@ -300,6 +322,8 @@ def _value_infos(spec, traced, config, *, kind: str) -> list:
     for name in names:
         if name in ("input_ids", "attention_mask", "position_ids"):
             shape, dtype = [axes[name][0], axes[name][1]], TensorProto.INT64
+        elif name == "prompt_ids":
+            shape, dtype = [axes[name][0]], TensorProto.INT64
         elif name == "logits":
             shape, dtype = [axes[name][0], axes[name][1], int(config.vocab_size)], TensorProto.FLOAT
         else:

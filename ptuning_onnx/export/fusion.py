@@ -38,8 +38,9 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
          raw_attention_mask: bool = False) -> dict:
     """Fuse each graph in ``folder`` (names in ``graphs``), time fused against unfused, keep the faster.
 
-    A Llama-family causal LM (``ref`` given) is fused by writing its graph anew (build_llama.py) instead of by
-    onnxruntime's pattern matching, which finds little in a traced decoder. ``raw_attention_mask``: fused attention
+    A Llama-family causal LM (``ref`` given: the reference, or a multi-prompt graph's list of them) is fused by
+    writing its graph anew (build_llama.py) instead of by onnxruntime's pattern matching, which finds little in a
+    traced decoder. ``raw_attention_mask``: fused attention
     keeps the 2-D mask. The BERT recipe otherwise turns it into one end index per row, which assumes every masked
     position comes after the real ones: true of a right-padded single export, false of a multi-prompt graph, whose
     shorter prompts leave masked slots BEFORE the user's tokens (measured: 4.8e-3 off on the tiny BERT). Returns the
@@ -52,7 +53,8 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
         from . import build_llama
 
         why_not = build_llama.unsupported(config)
-        if why_not is None and getattr(ref, "template", None) is not None:
+        refs = ref if isinstance(ref, (list, tuple)) else [ref]  # a multi-prompt graph's references
+        if why_not is None and any(getattr(r, "template", None) is not None for r in refs):
             why_not = "a templated adapter (placeholder ids in input_ids are not mapped by the fused graph)"
         if why_not is None:
             entry = _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",

@@ -313,7 +313,8 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
                                            dtype=dtype, quantize=quantize, external_data=external_data,
                                            exact_fp32=None if skip_verify else exact_fp32,
                                            raw_attention_mask=True,  # shorter prompts leave masked slots
-                                           int4_block_size=int4_block_size)
+                                           int4_block_size=int4_block_size,
+                                           ref=ordered if first.task == TaskType.CAUSAL_LM else None)
         _copy_side_files(Path(base_model), first, tmp)
         if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
             width = max(label_info(ref)["num_labels"] for ref in ordered)
@@ -323,7 +324,9 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             config.save_pretrained(tmp)
         manifest = manifest_for(dtype, quantize, optimization)
         manifest["quantization"] = quantization_entry(quantize, int4_block_size)
-        if first.task == TaskType.CAUSAL_LM:  # genai feeds prompt_ids with generator.set_model_input (FORMAT.md)
+        # genai feeds prompt_ids with generator.set_model_input (FORMAT.md); it sizes each present to its own
+        # tokens, so a fused graph whose cache holds the prompt's slots gets no genai_config.json.
+        if first.task == TaskType.CAUSAL_LM and not manifest["model"]["cache_holds_prompt"]:
             write_genai_config(tmp, manifest)
         report = None
         if not skip_verify:

@@ -54,8 +54,8 @@ def apply_passes(tmp: Path, graphs: list, config, task: TaskType, log, *, optimi
     """The optional passes over the traced graphs in ``tmp``, in order: fusions, fp16, quantization; shared by the
     single and the multi-prompt export. ``exact_fp32(optimization)``: the exact gate on the fp32 graph, run before
     quantizing (None with --skip-verify). ``raw_attention_mask``: for fusion.py (masks with holes: multi-prompt
-    graphs). ``ref``: the reference a single export's graph was traced from, for fusion.py's Llama builder (which
-    writes a single-prompt graph; the multi-prompt export passes None and gets onnxruntime's fusions). Returns
+    graphs). ``ref``: the reference a single export's graph was traced from, or a multi-prompt causal graph's list of
+    them, for fusion.py's Llama builder (other multi-prompt graphs pass None and get onnxruntime's fusions). Returns
     (the manifest's ``optimization`` entry, the exact gate's report)."""
     from ..tolerance import default_atol
 
