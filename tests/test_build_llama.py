@@ -391,3 +391,38 @@ def test_fused_multi_prompt_graph_generates_what_each_adapter_generates(multi_bu
             out = peft.generate(input_ids=row_ids, attention_mask=torch.ones_like(row_ids), max_new_tokens=6,
                                 do_sample=False, pad_token_id=3, eos_token_id=None)
         assert list(got) == out[0, len(row):].tolist(), name
+
+
+def test_service_batches_a_fused_multi_prompt_folder_like_rows_alone(multi_built):
+    """Staggered requests of both adapters through the REAL server's continuous batcher (shared buffers, the N
+    prompt slots kept when rows join and leave) equal each row alone through the runtime."""
+    pytest.importorskip("fastapi")
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ptuning_onnx import runtime
+    from test_serve import Server, _alone, _post
+
+    _, folder, _, _ = multi_built
+    oracle = runtime.load(folder, provider="cpu", threads=1)
+    server = Server(folder, "--max-batch-size", "8", "--max-wait-ms", "30").wait()
+    try:
+        rng = np.random.default_rng(9)
+        requests = [{"input_ids": [rng.integers(4, 1000, size=int(rng.integers(1, 20))).tolist()],
+                     "max_new_tokens": int(rng.integers(3, 14)), "eos_token_id": [], "adapter": name}
+                    for name in ("long", "short", "short", "long", "short", "long")]
+        alone = [_alone(oracle, r["input_ids"][0], r["max_new_tokens"], eos_token_id=[], adapter=r["adapter"])
+                 for r in requests]
+        other = [_alone(oracle, r["input_ids"][0], r["max_new_tokens"], eos_token_id=[],
+                        adapter="short" if r["adapter"] == "long" else "long") for r in requests]
+        assert alone != other  # the adapter matters for these rows (negative control)
+
+        def send(item):
+            time.sleep(item[0] * 0.02)  # rows join a batch that is already decoding
+            return _post(server, "/v1/generate", item[1], headers={}).json()["outputs"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(send, enumerate(requests)))
+        assert together == alone
+    finally:
+        server.stop()
