@@ -300,12 +300,12 @@ def test_sampling_candidates_equal_a_full_sort(seed):
     from ptuning_onnx.runtime.generation import NUCLEUS_FIRST, candidates
 
     rng = np.random.default_rng(seed)
-    for vocab in (7, NUCLEUS_FIRST + 3, 5000):
+    for vocab in (7, NUCLEUS_FIRST + 3, 5000, 32003):
         for spread in (0.3, 3.0, 12.0):
             row = (rng.standard_normal(vocab) * spread).astype(np.float32)
             row[rng.integers(0, vocab, size=vocab // 5)] = row[0]  # ties
             for top_k, top_p in ((None, 0.9), (None, 0.5), (None, 0.999), (50, None), (50, 0.8), (3, 0.95),
-                                 (vocab, 0.7), (None, None)):
+                                 (vocab, 0.7), (None, None), (1, None)):
                 ids, probs = candidates(row, top_k, top_p)
                 want_ids, want_probs = _full_sort_candidates(row, top_k, top_p)
                 got = np.arange(vocab) if ids is None else ids
