@@ -100,7 +100,8 @@ def _fused_folder(built, tmp_path, share_buffer: bool = True):
     build_llama.build(load_reference(MODELS / "llama", load_adapter(adapter), None), folder / "model.onnx")
     manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
     manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=share_buffer)
-    manifest["files"] = mf.hash_files(folder, list(manifest["files"]))  # the new graph's hash
+    (folder / "genai_config.json").unlink(missing_ok=True)  # as the builder's folders have none
+    manifest["files"] = mf.hash_files(folder, [f for f in manifest["files"] if (folder / f).exists()])
     (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
     return folder
 
@@ -343,7 +344,8 @@ def multi_built(peft_adapters, tmp_path_factory):
     build_llama.build([refs["long"], refs["short"]], folder / "model.onnx")
     manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
     manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=True)
-    manifest["files"] = mf.hash_files(folder, list(manifest["files"]))
+    (folder / "genai_config.json").unlink(missing_ok=True)  # as the builder's folders have none
+    manifest["files"] = mf.hash_files(folder, [f for f in manifest["files"] if (folder / f).exists()])
     (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
     return result, folder, refs, adapters
 

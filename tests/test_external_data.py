@@ -132,3 +132,38 @@ def test_graph_whose_data_location_leaves_the_folder_is_refused(external_export,
         runtime.load(external_export)  # sha256 catches the modified graph
     with pytest.raises(runtime.SessionLoadError, match="model.onnx"):
         runtime.load(external_export, verify=False)
+
+
+def test_the_size_default_and_both_cli_switches(peft_adapters, tmp_path, monkeypatch):
+    """By default a graph goes outside above graph_io.EXTERNAL_THRESHOLD (lowered here so a tiny model crosses it);
+    --no-external-data keeps it inside, --external-data forces it outside."""
+    from ptuning_onnx.cli import export as export_cli
+
+    monkeypatch.setattr(graph_io, "EXTERNAL_THRESHOLD", 1 << 10)
+    common = ["--base-model", str(MODELS / "gpt2"), "--adapter", str(peft_adapters["causal-lm"]), "--quiet",
+              "--skip-verify"]
+    for flag, outside in ((None, True), ("--no-external-data", False), ("--external-data", True)):
+        out = tmp_path / str(flag)
+        assert export_cli.main([*common, "--output", str(out), *([flag] if flag else [])]) == 0
+        assert (out / "model.onnx.data").is_file() is outside
+        assert bool(_locations(out / "model.onnx")) is outside
+        assert ("model.onnx.data" in mf.read_manifest(out)["files"]) is outside
+
+
+def test_moving_a_single_file_graph_over_one_with_data_removes_the_stale_data(tmp_path):
+    """graph_io.move of a graph without external data onto one that had it: no orphan data file is left for the
+    manifest to list."""
+    from onnx import helper, numpy_helper
+
+    def graph(path, external):
+        weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+        graph_io.save(helper.make_model(g), path, external=external)
+
+    graph(tmp_path / "model.onnx", True)
+    assert (tmp_path / "model.onnx.data").is_file()
+    graph(tmp_path / "candidate.onnx", False)
+    graph_io.move(tmp_path / "candidate.onnx", tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx.data").exists() and not _locations(tmp_path / "model.onnx")

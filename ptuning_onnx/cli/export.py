@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-block-size", type=int, metavar="N",
                    help="weights per int4 scale: 16, 32 (default, as onnxruntime-genai), 64, 128 or 256; larger "
                         "blocks are smaller and faster on the CPU and less exact (the quantized gate still applies)")
-    p.add_argument("--external-data", action="store_true",
-                   help="always keep weights in <graph>.onnx.data (default: when over 64 MiB, where onnxruntime maps "
-                        "them instead of copying: faster loads, half the peak memory)")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep weights in <graph>.onnx.data, or (--no-external-data) inside the graph up to protobuf's "
+                        "2 GiB (default: outside when over 64 MiB, where onnxruntime maps them instead of copying: "
+                        "faster loads, half the peak memory)")
     p.add_argument("--atol", type=float, help="parity tolerance (default 1e-4 fp32, 1e-2 + 2%% of scale fp16); quantized graphs have their own gate "
                         "(docs/FORMAT.md)")
     p.add_argument("--skip-verify", action="store_true", help="do not run the parity check (not recommended)")
@@ -76,7 +77,7 @@ def main(argv: Optional[list] = None) -> int:
                             dtype=args.dtype, device=args.device, optimize=args.optimize, quantize=args.quantize,
                             atol=args.atol, skip_verify=args.skip_verify, overwrite=args.overwrite,
                             progress=not args.quiet, exporter=args.exporter,
-                            external_data=True if args.external_data else None,
+                            external_data=args.external_data,
                             int4_block_size=args.int4_block_size)
         else:
             result = _export_multi(args)
@@ -106,7 +107,7 @@ def _export_multi(args):
     return export_multi(args.base_model, adapters, args.output, task=args.task, opset=args.opset, dtype=args.dtype,
                         device=args.device, optimize=args.optimize, quantize=args.quantize, atol=args.atol,
                         skip_verify=args.skip_verify, overwrite=args.overwrite, progress=not args.quiet,
-                        exporter=args.exporter, external_data=True if args.external_data else None,
+                        exporter=args.exporter, external_data=args.external_data,
                         int4_block_size=args.int4_block_size)
 
 

@@ -116,8 +116,8 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
 
     ``quantize``: None, ``"int8"`` (dynamic int8 MatMul) or ``"int4"`` (weight-only 4-bit MatMulNBits, one scale
     per ``int4_block_size`` weights: 16, 32 (None: the default), 64, 128 or 256).
-    ``external_data``: weights in ``<graph>.onnx.data`` beside each graph; None (default) decides by size, since
-    protobuf cannot hold more than 2 GiB.
+    ``external_data``: weights in ``<graph>.onnx.data`` beside each graph; None (default) decides by size
+    (graph_io.EXTERNAL_THRESHOLD: onnxruntime maps external weights; protobuf cannot hold more than 2 GiB).
     """
     from ..parity import ReferenceMemo, check_parity, default_atol, default_rtol
 

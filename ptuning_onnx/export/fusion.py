@@ -83,7 +83,8 @@ def _build(build_llama, ref, path: Path, candidate: Path, external_data) -> dict
     try:
         return build_llama.build(ref, candidate, opset=_opset(path), external_data=_external(path, external_data))
     except (KeyError, ValueError) as exc:  # a checkpoint laid out otherwise than the family's (a missing weight)
-        raise ExportError(f"building the fused {ref.base.config.model_type} graph failed: {type(exc).__name__}: "
+        first = ref[0] if isinstance(ref, (list, tuple)) else ref  # a multi-prompt graph's references
+        raise ExportError(f"building the fused {first.base.config.model_type} graph failed: {type(exc).__name__}: "
                           f"{exc}; export without --optimize") from exc
 
 

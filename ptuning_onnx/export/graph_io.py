@@ -193,6 +193,9 @@ def move(src: Path, dst: Path) -> None:
     locations = external_locations(model)
     if not locations:
         os.replace(src, dst)
+        stale = dst.parent / data_name(dst)
+        if stale.exists():  # the replaced graph's weights, which no graph points at any more
+            stale.unlink()
         return
     if locations != {data_name(src)}:
         raise ExportError(f"{src.name} keeps its weights in {sorted(locations)}; expected {data_name(src)} only")
