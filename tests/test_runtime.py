@@ -276,10 +276,11 @@ def test_logits_processors():
     assert int(greedy(logits)[0]) == 1  # token 0 was in the prompt: its logit -0.69 becomes -6.9
 
 
-def _full_sort_candidates(scores, top_k, top_p):
+def _full_sort_candidates(scores, top_k, top_p, temperature=1.0):
     """The filters written the plain way (transformers' order, the whole vocabulary sorted): the oracle for
     ``candidates``, which partitions instead."""
     scores = scores.astype(np.float64).copy()
+    scores = (scores - scores.max()) / temperature
     if top_k is not None and top_k < len(scores):
         scores[scores < np.sort(scores)[-top_k]] = -np.inf
     if top_p is not None and top_p < 1.0:
@@ -306,11 +307,13 @@ def test_sampling_candidates_equal_a_full_sort(seed):
             row[rng.integers(0, vocab, size=vocab // 5)] = row[0]  # ties
             for top_k, top_p in ((None, 0.9), (None, 0.5), (None, 0.999), (50, None), (50, 0.8), (3, 0.95),
                                  (vocab, 0.7), (None, None), (1, None)):
-                ids, probs = candidates(row, top_k, top_p)
-                want_ids, want_probs = _full_sort_candidates(row, top_k, top_p)
-                got = np.arange(vocab) if ids is None else ids
-                np.testing.assert_array_equal(got, want_ids, err_msg=f"{vocab} {spread} {top_k} {top_p}")
-                np.testing.assert_allclose(probs, want_probs, rtol=1e-9, atol=1e-15)
+                for temperature in (1.0, 0.7, 3.0):
+                    ids, probs = candidates(row, top_k, top_p, temperature)
+                    want_ids, want_probs = _full_sort_candidates(row, top_k, top_p, temperature)
+                    got = np.arange(vocab) if ids is None else ids
+                    where = f"{vocab} {spread} {top_k} {top_p} {temperature}"
+                    np.testing.assert_array_equal(got, want_ids, err_msg=where)
+                    np.testing.assert_allclose(probs, want_probs, rtol=1e-9, atol=1e-15, err_msg=where)
     # Negative control: the oracle does see a difference when the kept set differs.
     row = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     assert not np.array_equal(_full_sort_candidates(row, None, 0.75)[0], _full_sort_candidates(row, None, 0.9)[0])

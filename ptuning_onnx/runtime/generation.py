@@ -103,18 +103,12 @@ class TokenChooser:
         p, rng = self.p, self.rng
         if rng is None:  # __init__ makes one whenever do_sample, the only caller's condition
             raise RuntimeError("TokenChooser._sample called without do_sample")
-        if p.temperature != 1.0:
-            # Shift first, so the best token sits at 0 and a tiny temperature can only push the others to -inf
-            # (probability 0) instead of overflowing every logit to +-inf and the softmax to NaN.
-            with np.errstate(over="ignore"):
-                scores -= scores.max(-1, keepdims=True)
-                scores /= np.float32(p.temperature)
         # Inverse CDF over each row's candidates in vocabulary order, with a threshold in (0, total]: a
         # zero-probability token can never be picked. One draw per row, as random(B).
         draws = 1.0 - rng.random((scores.shape[0],))
         tokens = np.empty(scores.shape[0], np.int64)
         for row in range(scores.shape[0]):
-            ids, probs = candidates(scores[row], p.top_k, p.top_p)
+            ids, probs = candidates(scores[row], p.top_k, p.top_p, p.temperature)
             cumulative = np.cumsum(probs)
             pick = min(int((cumulative < draws[row] * cumulative[-1]).sum()), len(probs) - 1)
             tokens[row] = pick if ids is None else ids[pick]
@@ -125,11 +119,14 @@ class TokenChooser:
 NUCLEUS_FIRST = 256
 
 
-def candidates(scores: np.ndarray, top_k: Optional[int] = None,
-               top_p: Optional[float] = None) -> tuple[Optional[np.ndarray], np.ndarray]:
-    """One row's sampling candidates after top-k, then top-p, as transformers filters them: ``(ids, probs)``, the
-    kept token ids in ascending order (None: every token, in vocabulary order) and their probabilities (float64,
-    summing to 1).
+def candidates(scores: np.ndarray, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               temperature: float = 1.0) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """One row's sampling candidates after temperature, top-k, then top-p, as transformers filters them:
+    ``(ids, probs)``, the kept token ids in ascending order (None: every token, in vocabulary order) and their
+    probabilities (float64, summing to 1).
+
+    The temperature divides the shifted scores of the candidates only (it changes no order, so top-k does not need
+    it): the best token sits at 0 and a tiny temperature can only push the others to -inf (probability 0).
 
     top-k keeps ties with the k-th score. top-p keeps the best tokens, in descending score (ties by id), up to and
     including the first whose cumulative mass reaches ``top_p``. Neither sorts the vocabulary: top-k finds its k-th
@@ -143,7 +140,7 @@ def candidates(scores: np.ndarray, top_k: Optional[int] = None,
     if top_p is not None and top_p < 1.0:
         pool = np.arange(vocab) if ids is None else ids
         values = scores[pool].astype(np.float64)
-        weights = np.exp(values - values.max())
+        weights = _exp_shifted(values, temperature)
         total = weights.sum()
         size = NUCLEUS_FIRST
         while True:
@@ -159,8 +156,17 @@ def candidates(scores: np.ndarray, top_k: Optional[int] = None,
                 ids = np.sort(pool[best[before < top_p]])
                 break
             size *= 4
-    values = scores if ids is None else scores[ids]
-    return ids, _softmax(values)
+    weights = _exp_shifted((scores if ids is None else scores[ids]).astype(np.float64), temperature)
+    return ids, weights / weights.sum()
+
+
+def _exp_shifted(values: np.ndarray, temperature: float) -> np.ndarray:
+    """exp((values - max) / temperature): unnormalised probabilities, in float64."""
+    shifted = values - values.max()
+    if temperature != 1.0:
+        with np.errstate(over="ignore", divide="ignore"):
+            shifted /= temperature
+    return np.exp(shifted)
 
 
 _BLOCK = 64
