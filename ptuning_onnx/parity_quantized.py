@@ -48,8 +48,14 @@ def _forced_reference(ref: PTuningModel, ids, mask, tokens) -> np.ndarray:
 
 
 def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
-    """(ids, mask) of ``rows`` random rows, every third one padded on the model's padding side."""
+    """(ids, mask) of ``rows`` random rows, every third one padded on the model's padding side; with the
+    template's inline slots in each row for a templated folder (parity_template.py)."""
     cfg = manifest["model"]
+    if manifest.get("template"):
+        from .parity_template import template_cases
+
+        return next(template_cases(manifest["template"], cfg["vocab_size"], cfg["max_user_tokens"],
+                                   cfg["padding_side"], seed + 2, (rows,), (length,)))
     rng = np.random.default_rng(seed + 2)
     length = min(length, cfg["max_user_tokens"] or length)
     ids = rng.integers(0, cfg["vocab_size"], size=(rows, length), dtype=np.int64)

@@ -340,3 +340,41 @@ def test_resume_keeps_the_template(tmp_path, torch_one_thread):
     done = _train(tmp_path, "r", "seq-cls", "bert", rows, template="<p:2> {text} <p:2> It was", max_steps=2,
                   resume=True)
     assert done.step == 2 and load_adapter(tmp_path / "r").template == "<p:2> {text} <p:2> It was"
+
+
+@pytest.mark.parametrize("name,model,quantize", [("anchor", "bert", "int8"), ("lm", "gpt2", "int8"),
+                                                 ("lm", "gpt2", "int4")])
+def test_quantized_templated_exports_pass_their_gate_with_the_slots_in_the_cases(trained, tmp_path, name, model,
+                                                                                 quantize):
+    """--quantize with a template: the fp32 graph first passes the exact gate with the slots in its cases (where a
+    wrong inline row is caught, test above), the quantized gate's cases and golden.npz hold every inline slot's
+    placeholders, golden.npz checks out in the runtime, and on GPT-2, where the inline rows move the logits by more
+    than quantization does, perturbing ONLY them fails the quantized gate too. (On the tiny BERT their effect on
+    the pooled logits is ~0.1% of the prompt's, below what a relative gate can see: the exact gate holds them.)"""
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export import export
+    from ptuning_onnx.export.exporter import load_reference
+    from ptuning_onnx.parity_quantized import check_quantized
+
+    tmp, _ = trained
+    result = export(MODELS / model, tmp / name, tmp_path / "out", quantize=quantize, progress=False)
+    report = result.report
+    assert report["passed"] and report["negative_control"]["failed_as_expected"]
+    assert report["fp32_exact"]["passed"]  # the fp32 graph, before quantizing, held to 1e-4 with the slots
+    assert runtime.verify_golden(result.path, provider="cpu")["passed"]
+    manifest = mf.read_manifest(result.path, verify=False)
+    vocab, slots = manifest["model"]["vocab_size"], manifest["template"]["inline_slots"]
+    placeholders = {vocab + first + k for first, count in slots for k in range(count)}
+    golden = np.load(result.path / "golden.npz")
+    for key in [k for k in golden.files if k.endswith("input_ids")]:
+        ids, mask = golden[key], golden[key.replace("input_ids", "attention_mask")]
+        for row, real in zip(ids, mask, strict=True):
+            assert set(row[real == 1][row[real == 1] >= vocab].tolist()) == placeholders, key
+    if model == "bert":
+        return
+    ref = load_reference(MODELS / model, manifest["adapter"]["path"])
+    table = ref.prompt_rows().detach().clone()
+    table[ref.n:] += 2.0 * torch.randn(table[ref.n:].shape, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ParityError, match="differs from the PyTorch reference"):
+        check_quantized(result.path, ref.with_prompt(table), manifest)

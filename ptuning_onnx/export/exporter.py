@@ -124,9 +124,6 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
     output = _check_output(output, overwrite)
     check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
                   skip_verify=skip_verify, int4_block_size=int4_block_size)
-    if quantize and Path(adapter, "template.json").is_file():
-        raise ConfigError("--quantize is not done for templated adapters yet (its gate draws inputs without the "
-                          "template's placeholders); export fp32 or fp16")
     route = _resolve_route(exporter)
     log = Progress(progress)
     with log.step("loading base model and adapter"):
