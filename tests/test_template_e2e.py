@@ -378,3 +378,49 @@ def test_quantized_templated_exports_pass_their_gate_with_the_slots_in_the_cases
     table[ref.n:] += 2.0 * torch.randn(table[ref.n:].shape, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ParityError, match="differs from the PyTorch reference"):
         check_quantized(result.path, ref.with_prompt(table), manifest)
+
+
+@pytest.mark.parametrize("template", ["<p:2> {text} <p:3> It was", "{text} <p:3> so"])
+def test_templated_llama_gets_the_fused_graph_with_exact_parity(tmp_path, torch_one_thread, template):
+    """--optimize on a templated Llama (with a leading slot, and without one: no prompt in the cache): the builder
+    maps placeholder ids to their prompt rows in the graph (as the traced template graph does). The fused graph
+    passes the exact gate with the slots in its cases, perturbing only the inline rows fails it, and raw fields
+    generate what the reference generates (shared KV buffers)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export import build_llama, export
+    from ptuning_onnx.export.exporter import load_reference
+    from ptuning_onnx.parity import check_parity
+    from ptuning_onnx.template_data import tokenizer_specials
+
+    adapter = _train(tmp_path, "llama-t", "causal-lm", "llama", [{"text": t} for t in CORPUS], template=template)
+    result = export(MODELS / "llama", tmp_path / "llama-t", tmp_path / "out", optimize=True, progress=False)
+    assert adapter is not None and result.report["passed"]
+    assert result.manifest["optimization"]["recipe"] == "ptuning-onnx llama builder"
+    folder = tmp_path / "fused"  # the fused graph, whatever the timing kept
+    shutil.copytree(result.path, folder)
+    ref = load_reference(MODELS / "llama", tmp_path / "llama-t")
+    build_llama.build(ref, folder / "model.onnx")
+    manifest = mf.read_manifest(folder, verify=False)
+    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=True)
+    manifest["files"] = mf.hash_files(folder, list(manifest["files"]))
+    mf.write_manifest(folder, manifest)
+    report = check_parity(folder, ref, manifest, atol=1e-4)
+    assert report["passed"] and report["negative_control"]["failed_as_expected"]
+    table = ref.prompt_rows().detach().clone()
+    table[ref.n:] += 0.5 * torch.randn(table[ref.n:].shape, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ParityError, match="differs from the PyTorch reference"):
+        check_parity(folder, ref.with_prompt(table), manifest, atol=1e-4)
+    model = runtime.load(folder, verify=False)
+    tok = AutoTokenizer.from_pretrained(MODELS / "llama")
+    prompts = ["The sun rises", "Water boils at one hundred degrees"]
+    got = model.generate([{"text": p} for p in prompts], max_new_tokens=5, eos_token_id=[])
+    for prompt, text in zip(prompts, got, strict=True):
+        ids = ref.template.inputs({"text": prompt}, lambda s: tok(s, add_special_tokens=False)["input_ids"],
+                                  ref.vocab_size, tokenizer_specials(tok))  # Llama's tokenizer adds BOS
+        want = ref.greedy(torch.tensor([ids]), max_new_tokens=5)[0].tolist()
+        assert text == tok.decode(want, skip_special_tokens=True)

@@ -25,8 +25,12 @@ leading positions when it trims or pads a cache. Inside:
 - rotary uses the reference's own cos/sin (its ``rotary_emb`` module, scaling included) at ``position_ids + n``;
 - past and present may be ONE preallocated buffer (B, KV, M, D), bound as both (GroupQueryAttention's
   past_present_share_buffer mode, as onnxruntime-genai runs its graphs): each step writes its S keys/values in
-  place at positions n + T - S .. n + T - 1 (T: the mask's length, past and new tokens) and nothing is copied. The runtime's CPU loop does this after the prefill
-  (manifest ``model.past_present_share_buffer``, runtime/session.py ``SharedKVCache``).
+  place at positions n + T - S .. n + T - 1 (T: the mask's length, past and new tokens) and nothing is copied. The
+  runtime's CPU loop does this after the prefill (manifest ``model.past_present_share_buffer``,
+  runtime/session.py ``SharedKVCache``);
+- a template's placeholder ids (``vocab_size + k``, reference_template.py) take row k of its prompt table at the
+  embedding; its leading slot is the prompt above (n may be 0);
+- several prompts (a list of references, multi-prompt folders): (K, N, ...) tables gathered by ``prompt_ids``.
 
 Weights come from the reference model's own tensors, q|k|v and gate|up packed into one MatMul each, so the int8
 and int4 passes (optimize.py) quantize 4 MatMuls per layer plus the lm_head. Families: llama, mistral (no sliding
@@ -237,7 +241,21 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     cos_cache = g.const("cos_cache", cos[0, :, : head_dim // 2].float().numpy())
     sin_cache = g.const("sin_cache", sin[0, :, : head_dim // 2].float().numpy())
 
-    hidden_states = g.op("Gather", [g.const("embed_tokens", weight("embed_tokens.weight")), "input_ids"], axis=0)
+    embed = g.const("embed_tokens", weight("embed_tokens.weight"))
+    if getattr(ref, "template", None) is None:
+        hidden_states = g.op("Gather", [embed, "input_ids"], axis=0)
+    else:  # a template's placeholder ids (>= vocab) take their prompt row, as reference_template.embed_tokens does
+        vocab = int(ref.vocab_size)
+        table = ref.prompt_rows().detach().float().numpy()  # (N, D): every slot's rows
+        virtual = g.op("GreaterOrEqual", ["input_ids", g.const("vocab", np.array(vocab, np.int64))])
+        words = g.op("Gather", [embed, g.op("Where", [virtual, g.const("zero_id", np.array(0, np.int64)),
+                                                      "input_ids"])], axis=0)
+        index = g.op("Clip", [g.op("Sub", ["input_ids", g.const("vocab_", np.array(vocab, np.int64))]),
+                              g.const("row_min", np.array(0, np.int64)),
+                              g.const("row_max", np.array(table.shape[0] - 1, np.int64))])
+        rows = g.op("Gather", [g.const("prompt_rows", table), index], axis=0)
+        hidden_states = g.op("Where", [g.op("Unsqueeze", [virtual, g.const("last", np.array([-1], np.int64))]),
+                                       rows, words])
     eps = float(config.rms_norm_eps)
     inter = int(config.intermediate_size)
     qkv_sizes = g.const("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
@@ -252,7 +270,7 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     q_lead = g.op("Expand", [g.op("Slice", [zeros_q, zero, n_new, axis1]), per_row3])
     # Every layer's prompt keys and values side by side, (K, n, layers * 2 * KV * D): k0 v0 k1 v1 ...
     prompt_kv = np.concatenate([getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy()
-                                .transpose(0, 2, 1, 3).reshape(len(slots), n, -1)
+                                .transpose(0, 2, 1, 3).reshape(len(slots), n, kv_heads * head_dim)
                                 for i in range(traced.num_layers) for kind in ("key", "value")], axis=-1)
     parts = 2 * traced.num_layers
     kv_leads = g.op("Split", [rows_of(g.op("Slice", [g.const("prompt_kv", prompt_kv), zero, n_new, axis1]),

@@ -53,9 +53,9 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
         from . import build_llama
 
         why_not = build_llama.unsupported(config)
-        refs = ref if isinstance(ref, (list, tuple)) else [ref]  # a multi-prompt graph's references
-        if why_not is None and any(getattr(r, "template", None) is not None for r in refs):
-            why_not = "a templated adapter (placeholder ids in input_ids are not mapped by the fused graph)"
+        if why_not is None and isinstance(ref, (list, tuple)) and any(getattr(r, "template", None) is not None
+                                                                     for r in ref):
+            why_not = "templated adapters in a multi-prompt graph"  # refused earlier by the multi export anyway
         if why_not is None:
             entry = _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
                                  lambda path, candidate: _build(build_llama, ref, path, candidate, external_data),
