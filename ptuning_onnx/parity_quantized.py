@@ -51,13 +51,13 @@ def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
     """(ids, mask) of ``rows`` random rows, every third one padded on the model's padding side; with the
     template's inline slots in each row for a templated folder (parity_template.py)."""
     cfg = manifest["model"]
-    if manifest.get("template"):
+    length = min(length, cfg["max_user_tokens"] or length)
+    if manifest.get("template"):  # None where the slots do not fit the model's positions
         from .parity_template import template_cases
 
         return next(template_cases(manifest["template"], cfg["vocab_size"], cfg["max_user_tokens"],
-                                   cfg["padding_side"], seed + 2, (rows,), (length,)))
+                                   cfg["padding_side"], seed + 2, (rows,), (length,), pad_every=3), None)
     rng = np.random.default_rng(seed + 2)
-    length = min(length, cfg["max_user_tokens"] or length)
     ids = rng.integers(0, cfg["vocab_size"], size=(rows, length), dtype=np.int64)
     mask = np.ones_like(ids)
     for row in range(0, rows, 3):
@@ -95,11 +95,15 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
     # only for the control's teacher-forced steps.
     # A model with few positions has only shorter cases: then the longest of them.
     padded = _run_outputs(graphs, manifest, task, seed, batches=(max(BATCHES),))
-    runs = [r for r in padded if r[0][0].shape[1] == 7] or [max(padded, key=lambda r: r[0][0].shape[1])]
+    # (the cases come in ascending length; the last is the exact gate's decoding case when no length is 7, even
+    # where a template's slots make several cases equally long)
+    runs = [r for r in padded if r[0][0].shape[1] == 7] or padded[-1:]
     if task == TaskType.SEQ_CLS:
         # A classifier gives one row of a few logits per input: 3 rows of 2 labels are 3 numbers once centred, too
         # few for a norm to mean anything. Add 16 rows (cheap: the graph pools one position).
-        runs.append(_run_case(graphs, task, *_many_rows(manifest, seed)))
+        many = _many_rows(manifest, seed)
+        if many is not None:
+            runs.append(_run_case(graphs, task, *many))
     errors = _Errors()
     for case, out in runs:
         arrays = [c for c in case if c is not None]

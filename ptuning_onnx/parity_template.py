@@ -14,8 +14,10 @@ import numpy as np
 
 
 def template_cases(entry: dict, vocab: int, limit: Optional[int], padding_side: str, seed: int,
-                   batches: tuple, lengths: tuple):
-    """Yields (input_ids, attention_mask) int64 (B, L), like parity._cases, for the manifest's ``template``."""
+                   batches: tuple, lengths: tuple, pad_every: Optional[int] = None):
+    """Yields (input_ids, attention_mask) int64 (B, L), like parity._cases, for the manifest's ``template``.
+    ``pad_every``: pad every that many rows (from row 0), as parity_quantized's extra rows do, in place of the
+    3-row batches' rows 1 and 2."""
     rng = np.random.default_rng(seed)
     slots = [(int(first), int(count)) for first, count in entry["inline_slots"]]
     inline = sum(count for _, count in slots)
@@ -28,7 +30,9 @@ def template_cases(entry: dict, vocab: int, limit: Optional[int], padding_side: 
             mask = np.zeros_like(ids)
             for row in range(batch):
                 real = length
-                if batch == 3 and row in (1, 2):
+                if pad_every is not None and row % pad_every == 0:
+                    real = max(inline + 1, length - 1 - row % length)
+                elif pad_every is None and batch == 3 and row in (1, 2):
                     real = max(inline + 1, length - 3 if row == 1 else length // 2)
                 tokens = _row(rng, vocab, slots, real - inline)
                 start = length - real if padding_side == "left" else 0

@@ -428,3 +428,22 @@ def test_service_batches_a_fused_multi_prompt_folder_like_rows_alone(multi_built
         assert together == alone
     finally:
         server.stop()
+
+
+def test_the_fused_graph_loads_at_the_lowest_opset(built, tmp_path):
+    """The builder writes only ops valid at the export's opset (Split by a sizes input, not opset 18's
+    num_outputs): at opset 14 onnxruntime loads the graph and the exact gate passes."""
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx.parity import check_parity
+
+    fused, adapter, _ = built
+    folder = tmp_path / "folder"
+    shutil.copytree(fused.path, folder)
+    ref = load_reference(MODELS / "llama", load_adapter(adapter), None)
+    build_llama.build(ref, folder / "model.onnx", opset=14)
+    assert onnx.load(str(folder / "model.onnx")).opset_import[0].version == 14
+    manifest = mf.read_manifest(folder, verify=False)
+    manifest["model"]["cache_holds_prompt"] = True
+    assert check_parity(folder, ref, manifest, atol=1e-4)["passed"]

@@ -424,3 +424,17 @@ def test_templated_llama_gets_the_fused_graph_with_exact_parity(tmp_path, torch_
                                   ref.vocab_size, tokenizer_specials(tok))  # Llama's tokenizer adds BOS
         want = ref.greedy(torch.tensor([ids]), max_new_tokens=5)[0].tolist()
         assert text == tok.decode(want, skip_special_tokens=True)
+
+
+def test_quantized_gate_and_golden_agree_on_the_decoding_case_with_long_slots(tmp_path, torch_one_thread):
+    """32 inline tokens make every parity case equally long: the quantized gate must decode from the exact gate's
+    case, or golden.npz loses its decoding control and the runtime's check refuses a fresh export."""
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export import export
+
+    _train(tmp_path, "long", "causal-lm", "gpt2", [{"text": t} for t in CORPUS], template="<p:2> {text} <p:32> so")
+    result = export(MODELS / "gpt2", tmp_path / "long", tmp_path / "out", quantize="int8", progress=False)
+    assert result.report["passed"]
+    golden = np.load(result.path / "golden.npz")
+    assert "greedy.control.logits" in golden.files
+    assert runtime.verify_golden(result.path, provider="cpu")["passed"]

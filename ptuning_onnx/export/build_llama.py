@@ -193,9 +193,11 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
         return g.op("Gather", [table, "prompt_ids"], axis=0) if multi else g.op("Expand", [table, per_row])
 
     # Prompt slots a row attends to: all n of a single prompt; a shorter prompt's own (real first) of the N slots.
+    # A template without a leading slot has no prompt in the cache (n = 0): then none of the prompt's machinery is
+    # written (no zero-size constants, which onnxruntime's constant folding has mishandled, docs/FORMAT.md).
     slots = traced.prompt_mask.numpy().astype(np.int64) if multi else np.ones((1, n), np.int64)
-    full_mask = g.op("Concat", [rows_of(g.const("prompt_mask", slots), per_row2), "attention_mask"],
-                     axis=1)  # (B, n + T)
+    full_mask = (g.op("Concat", [rows_of(g.const("prompt_mask", slots), per_row2), "attention_mask"], axis=1)
+                 if n else "attention_mask")  # (B, n + T)
     total = g.op("Gather", [g.op("Shape", [full_mask]), one], axis=0)  # (1,) n + T
     # The KV cache holds the prompt: ``present.*`` are (B, KV, n + T, D), and a past given back holds it too. At the
     # prefill (the past is empty) the prompt's keys/values join the NEW keys, each with a placeholder query whose
@@ -205,10 +207,13 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     # time: a batch of several such rows is refused by onnxruntime.)
     # The prefill is told by the mask covering the new tokens only (T == S), not by the past's length: a past that
     # shares one preallocated buffer with its present (the runtime's decoding loop on the CPU) is never empty.
-    cut = g.const("prompt_len", np.array([n], np.int64))
-    mask_len = g.op("Gather", [g.op("Shape", ["attention_mask"]), one], axis=0)  # (1,) T
-    n_new = g.op("Mul", [g.op("Cast", [g.op("Equal", [mask_len, seq])], to=TensorProto.INT64), cut])  # n or 0
-    queries = g.op("Add", [seq, n_new])  # (1,) S' = n_new + S
+    if n:
+        cut = g.const("prompt_len", np.array([n], np.int64))
+        mask_len = g.op("Gather", [g.op("Shape", ["attention_mask"]), one], axis=0)  # (1,) T
+        n_new = g.op("Mul", [g.op("Cast", [g.op("Equal", [mask_len, seq])], to=TensorProto.INT64), cut])  # n or 0
+        queries = g.op("Add", [seq, n_new])  # (1,) S' = n_new + S
+    else:
+        queries = seq
     # One additive bias (B, 1, S', n + T): 0 where a query may see a key (causal, and the key is the prompt's or a
     # real token), float32 min elsewhere; left padding lives here, so every row's seqlens_k is the full buffer.
     total_s, queries_s = g.op("Squeeze", [total, zero]), g.op("Squeeze", [queries, zero])
@@ -266,15 +271,17 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     # The leads: the first n_new (n or 0) positions of (K, n, W) constants for every row, sliced, expanded (or
     # gathered by prompt_ids) and split once for all layers, so a decoding step (n_new = 0) runs a few empty nodes
     # here instead of two per tensor.
-    zeros_q = g.const("placeholder_q", np.zeros((1, n, heads * head_dim), np.float32))
-    q_lead = g.op("Expand", [g.op("Slice", [zeros_q, zero, n_new, axis1]), per_row3])
-    # Every layer's prompt keys and values side by side, (K, n, layers * 2 * KV * D): k0 v0 k1 v1 ...
-    prompt_kv = np.concatenate([getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy()
-                                .transpose(0, 2, 1, 3).reshape(len(slots), n, kv_heads * head_dim)
-                                for i in range(traced.num_layers) for kind in ("key", "value")], axis=-1)
-    parts = 2 * traced.num_layers
-    kv_leads = g.op("Split", [rows_of(g.op("Slice", [g.const("prompt_kv", prompt_kv), zero, n_new, axis1]),
-                                      per_row3)], outputs=parts, axis=-1, num_outputs=parts)
+    if n:
+        zeros_q = g.const("placeholder_q", np.zeros((1, n, heads * head_dim), np.float32))
+        q_lead = g.op("Expand", [g.op("Slice", [zeros_q, zero, n_new, axis1]), per_row3])
+        # Every layer's prompt keys and values side by side, (K, n, layers * 2 * KV * D): k0 v0 k1 v1 ...
+        prompt_kv = np.concatenate([getattr(traced, f"prompt_{kind}_{i}").detach().float().numpy()
+                                    .transpose(0, 2, 1, 3).reshape(len(slots), n, kv_heads * head_dim)
+                                    for i in range(traced.num_layers) for kind in ("key", "value")], axis=-1)
+        parts = 2 * traced.num_layers
+        kv_sizes = g.const("kv_sizes", np.full(parts, kv_heads * head_dim, np.int64))  # a sizes input: opset >= 13
+        kv_leads = g.op("Split", [rows_of(g.op("Slice", [g.const("prompt_kv", prompt_kv), zero, n_new, axis1]),
+                                          per_row3), kv_sizes], outputs=parts, axis=-1)
     residual = None
     for i in range(traced.num_layers):
         layer = f"layers.{i}."
@@ -297,13 +304,14 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
         k = g.op("RotaryEmbedding", [k, rotary_pos, cos_cache, sin_cache], domain=MS, num_heads=kv_heads,
                  interleaved=0)
         new = [g.op("Concat", [lead, current], axis=1)
-               for lead, current in ((q_lead, q), (kv_leads[2 * i], k), (kv_leads[2 * i + 1], v))]
+               for lead, current in ((q_lead, q), (kv_leads[2 * i], k), (kv_leads[2 * i + 1], v))] if n else [q, k, v]
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         out = g.op("GroupQueryAttention", [*new, past_k, past_v, seqlens, total_i32, "", "", "", bias],
                    outputs=[g.name("attention"), present_k, present_v], domain=MS, num_heads=heads,
                    kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))[0]
-        out = g.op("Slice", [out, n_new, end, axis1])  # the placeholder queries' outputs dropped
+        if n:
+            out = g.op("Slice", [out, n_new, end, axis1])  # the placeholder queries' outputs dropped
         attn_out = g.op("MatMul", [out, g.const(f"o_{i}", weight(attn + "o_proj.weight").T)])
         post_w = g.const(f"ln_post_{i}", weight(layer + "post_attention_layernorm.weight"))
         normed, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, post_w],
