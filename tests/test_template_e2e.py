@@ -438,3 +438,16 @@ def test_quantized_gate_and_golden_agree_on_the_decoding_case_with_long_slots(tm
     golden = np.load(result.path / "golden.npz")
     assert "greedy.control.logits" in golden.files
     assert runtime.verify_golden(result.path, provider="cpu")["passed"]
+
+
+@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"dtype": "fp16"}])
+def test_templated_llama_with_optimize_and_a_precision_pass_verifies(tmp_path, torch_one_thread, options):
+    """--optimize with --quantize int8 or --dtype fp16 on a templated Llama: the export's gates pass and the
+    folder's golden.npz (cases with the slots) checks out in the runtime."""
+    from ptuning_onnx import runtime
+    from ptuning_onnx.export import export
+
+    _train(tmp_path, "t", "causal-lm", "llama", [{"text": t} for t in CORPUS], template="<p:2> {text} <p:3> It was")
+    result = export(MODELS / "llama", tmp_path / "t", tmp_path / "out", optimize=True, progress=False, **options)
+    assert result.report["passed"] and result.manifest["optimization"]["recipe"] == "ptuning-onnx llama builder"
+    assert runtime.verify_golden(result.path, provider="cpu")["passed"]
