@@ -246,21 +246,13 @@ def _layers_into(g: _Graph, ref, traced, spec, params: dict, config) -> None:
     cos_cache = g.const("cos_cache", cos[0, :, : head_dim // 2].float().numpy())
     sin_cache = g.const("sin_cache", sin[0, :, : head_dim // 2].float().numpy())
 
-    embed = g.const("embed_tokens", weight("embed_tokens.weight"))
-    if getattr(ref, "template", None) is None:
-        hidden_states = g.op("Gather", [embed, "input_ids"], axis=0)
-    else:  # a template's placeholder ids (>= vocab) take their prompt row, as reference_template.embed_tokens does
-        vocab = int(ref.vocab_size)
-        table = ref.prompt_rows().detach().float().numpy()  # (N, D): every slot's rows
-        virtual = g.op("GreaterOrEqual", ["input_ids", g.const("vocab", np.array(vocab, np.int64))])
-        words = g.op("Gather", [embed, g.op("Where", [virtual, g.const("zero_id", np.array(0, np.int64)),
-                                                      "input_ids"])], axis=0)
-        index = g.op("Clip", [g.op("Sub", ["input_ids", g.const("vocab_", np.array(vocab, np.int64))]),
-                              g.const("row_min", np.array(0, np.int64)),
-                              g.const("row_max", np.array(table.shape[0] - 1, np.int64))])
-        rows = g.op("Gather", [g.const("prompt_rows", table), index], axis=0)
-        hidden_states = g.op("Where", [g.op("Unsqueeze", [virtual, g.const("last", np.array([-1], np.int64))]),
-                                       rows, words])
+    words = weight("embed_tokens.weight")
+    if getattr(ref, "template", None) is not None:
+        # A template's placeholder id vocab_size + k takes row k of its prompt table, as reference_template's
+        # embed_tokens does: one table of the vocabulary's rows and then the prompt's, one Gather (the runtime
+        # refuses ids past the table).
+        words = np.concatenate([words, ref.prompt_rows().detach().float().numpy()], 0)
+    hidden_states = g.op("Gather", [g.const("embed_tokens", words), "input_ids"], axis=0)
     eps = float(config.rms_norm_eps)
     inter = int(config.intermediate_size)
     qkv_sizes = g.const("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
