@@ -115,7 +115,8 @@ class TokenChooser:
         return tokens
 
 
-# Nucleus sampling sorts the best tokens only: first this many, then 4x more until they hold top_p of the mass.
+# Nucleus sampling sorts the best tokens only: first this many, then more (by the mass still missing, at least 4x),
+# then all of them.
 NUCLEUS_FIRST = 256
 
 
@@ -139,23 +140,29 @@ def candidates(scores: np.ndarray, top_k: Optional[int] = None, top_p: Optional[
         ids = np.flatnonzero(scores >= kth_largest(scores, top_k))
     if top_p is not None and top_p < 1.0:
         pool = np.arange(vocab) if ids is None else ids
-        values = scores[pool].astype(np.float64)
-        weights = _exp_shifted(values, temperature)
+        values = scores[pool]  # ranked as given (float32 sorts faster; no temperature changes the order)
+        weights = _exp_shifted(values.astype(np.float64), temperature)
         total = weights.sum()
         size = NUCLEUS_FIRST
         while True:
-            if size < len(pool):
+            if size < len(pool) // 2:  # past half the pool a partition saves nothing over the sort
                 best = np.flatnonzero(values >= kth_largest(values, size))  # ties with the last included
+                best = best[np.argsort(-values[best], kind="stable")]  # descending; ties keep ascending ids
             else:
-                best = np.arange(len(pool))
-            best = best[np.argsort(-values[best], kind="stable")]  # descending; ties keep ascending ids
+                best = np.argsort(-values, kind="stable")
             mass = weights[best] / total
             through = np.cumsum(mass)
             before = through - mass  # the mass ranked above each; the first is always kept
             if len(best) == len(pool) or through[-1] >= top_p:  # any token left out has >= top_p above it
-                ids = np.sort(pool[best[before < top_p]])
-                break
-            size *= 4
+                kept = np.zeros(len(pool), bool)
+                kept[best[before < top_p]] = True
+                kept_weights = weights[kept]  # the pool is in ascending ids, and so are these
+                return pool[kept], kept_weights / kept_weights.sum()
+            # Grow by what the mass so far says is missing (a flat row holds little in its best tokens: straight
+            # to the whole pool), at least 4x; a second miss sorts the whole pool, so a flat row costs at most
+            # two partitions more than a plain sort, and a peaked one (most rows of a trained model) one partition.
+            size = len(pool) if size > NUCLEUS_FIRST else int(size * max(4.0, 2.0 * top_p / max(float(through[-1]),
+                                                                                                 1e-12)))
     weights = _exp_shifted((scores if ids is None else scores[ids]).astype(np.float64), temperature)
     return ids, weights / weights.sum()
 
