@@ -151,3 +151,24 @@ def reference_vs_peft(peft_model, ref, vocab: int, *, seq2seq: bool, slice_peft:
         r = ref(ids, mask, *extra.values())
         got = r["logits"] if "logits" in r else r["last_hidden_state"]
     return got, (want[:, ref.n:] if slice_peft else want)
+
+
+def swap_in_fused_graph(src: Path, dst: Path, ref, *, share_buffer: bool = True, opset: int = 18) -> Path:
+    """A copy of the export folder ``src`` at ``dst`` holding the Llama builder's graph of ``ref`` (a reference or
+    a multi-prompt list of them), whatever the export's timing kept, with a manifest as the builder's folders have
+    it: cache holding the prompt, past/present buffer sharing as ``share_buffer`` says, no genai_config.json, the
+    files' hashes renewed."""
+    import json
+    import shutil
+
+    from ptuning_onnx import manifest as mf
+    from ptuning_onnx.export import build_llama
+
+    shutil.copytree(src, dst)
+    build_llama.build(ref, dst / "model.onnx", opset=opset)
+    (dst / "genai_config.json").unlink(missing_ok=True)
+    manifest = json.loads((dst / mf.MANIFEST_NAME).read_text())
+    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=share_buffer)
+    manifest["files"] = mf.hash_files(dst, [f for f in manifest["files"] if (dst / f).exists()])
+    mf.write_manifest(dst, manifest)
+    return dst

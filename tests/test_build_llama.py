@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import MODELS, make_peft_adapter
+from conftest import MODELS, make_peft_adapter, swap_in_fused_graph
 from ptuning_onnx.adapter import load_adapter
 from ptuning_onnx.errors import ParityError
 from ptuning_onnx.export import export
@@ -90,20 +90,9 @@ def _fused_model(built, tmp_path, share_buffer: bool = True):
 
 
 def _fused_folder(built, tmp_path, share_buffer: bool = True):
-    import shutil
-
-    from ptuning_onnx import manifest as mf
-
     fused, adapter, _ = built
-    folder = tmp_path / f"folder-{share_buffer}"
-    shutil.copytree(fused.path, folder)
-    build_llama.build(load_reference(MODELS / "llama", load_adapter(adapter), None), folder / "model.onnx")
-    manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
-    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=share_buffer)
-    (folder / "genai_config.json").unlink(missing_ok=True)  # as the builder's folders have none
-    manifest["files"] = mf.hash_files(folder, [f for f in manifest["files"] if (folder / f).exists()])
-    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
-    return folder
+    return swap_in_fused_graph(fused.path, tmp_path / f"folder-{share_buffer}",
+                               load_reference(MODELS / "llama", load_adapter(adapter), None), share_buffer=share_buffer)
 
 
 def _padded_rows(seed: int, lengths) -> tuple:
@@ -131,8 +120,8 @@ def test_fused_graph_generates_what_peft_generates(built, tmp_path, share_buffer
 
     class Counted(generation.SharedKVCache):
         def __init__(self, *args, **kwargs):
-            made.append(args[2])  # capacity
             super().__init__(*args, **kwargs)
+            made.append(next(iter(self.buffers.values())).shape[2])  # capacity
 
     monkeypatch.setattr(generation, "SharedKVCache", Counted)
     rows, ids, mask = _padded_rows(3, (7, 3, 12))
@@ -209,6 +198,22 @@ def test_optimize_on_gpt2_says_why_no_graph_was_built(peft_adapters, tmp_path):
     assert decision["recipe"] == "gpt2" and "model type 'gpt2'" in decision["builder"]
 
 
+def _staggered(server, requests: list) -> list:
+    """Each generate request through the REAL server, 20 ms apart, so that rows join a batch already decoding;
+    the token ids of each answer, in order."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import _post
+
+    def send(item):
+        time.sleep(item[0] * 0.02)
+        return _post(server, "/v1/generate", item[1], headers={}).json()["outputs"][0]["token_ids"]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(send, enumerate(requests)))
+
+
 @pytest.mark.parametrize("share_buffer", [True, False])
 def test_service_batches_a_fused_folder_like_rows_alone(built, tmp_path, share_buffer):
     """The fused graph's cache holds the prompt's positions first; the service's continuous batcher trims and pads
@@ -218,11 +223,9 @@ def test_service_batches_a_fused_folder_like_rows_alone(built, tmp_path, share_b
     together."""
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
-    import time
-    from concurrent.futures import ThreadPoolExecutor
 
     from ptuning_onnx import runtime
-    from test_serve import Server, _alone, _metric, _post
+    from test_serve import Server, _alone, _metric
 
     folder = _fused_folder(built, tmp_path, share_buffer)
     oracle = runtime.load(_fused_folder(built, tmp_path / "oracle", False), provider="cpu", threads=1)
@@ -235,12 +238,7 @@ def test_service_batches_a_fused_folder_like_rows_alone(built, tmp_path, share_b
         before = _metric(server, "ptuning_batch_size_count", kind="generate") - _metric(
             server, "ptuning_batch_size_bucket", kind="generate", le="1.0")
 
-        def send(item):
-            time.sleep(item[0] * 0.02)  # rows join a batch that is already decoding
-            return _post(server, "/v1/generate", item[1], headers={}).json()["outputs"][0]["token_ids"]
-
-        with ThreadPoolExecutor(len(requests)) as pool:
-            together = list(pool.map(send, enumerate(requests)))
+        together = _staggered(server, requests)
         assert together == alone
         after = _metric(server, "ptuning_batch_size_count", kind="generate") - _metric(
             server, "ptuning_batch_size_bucket", kind="generate", le="1.0")
@@ -328,9 +326,7 @@ def test_a_large_graph_keeps_the_fused_graph_untimed(peft_adapters, tmp_path, mo
 def multi_built(peft_adapters, tmp_path_factory):
     """A multi-prompt export of the tiny Llama with --optimize: two PEFT adapters of 5 and 3 virtual tokens (the
     shorter one leaves masked slots), plus a copy of the folder holding the fused graph, whatever the timing kept."""
-    import shutil
 
-    from ptuning_onnx import manifest as mf
     from ptuning_onnx.export.multi import export_multi, load_references
 
     root = tmp_path_factory.mktemp("multi-built")
@@ -339,14 +335,7 @@ def multi_built(peft_adapters, tmp_path_factory):
     adapters = {"long": peft_adapters["causal-lm-llama"], "short": short}
     result = export_multi(MODELS / "llama", adapters, root / "exported", optimize=True, progress=False)
     refs, _ = load_references(MODELS / "llama", adapters)
-    folder = root / "fused"
-    shutil.copytree(result.path, folder)
-    build_llama.build([refs["long"], refs["short"]], folder / "model.onnx")
-    manifest = json.loads((folder / mf.MANIFEST_NAME).read_text())
-    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=True)
-    (folder / "genai_config.json").unlink(missing_ok=True)  # as the builder's folders have none
-    manifest["files"] = mf.hash_files(folder, [f for f in manifest["files"] if (folder / f).exists()])
-    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    folder = swap_in_fused_graph(result.path, root / "fused", [refs["long"], refs["short"]])
     return result, folder, refs, adapters
 
 
@@ -399,11 +388,9 @@ def test_service_batches_a_fused_multi_prompt_folder_like_rows_alone(multi_built
     """Staggered requests of both adapters through the REAL server's continuous batcher (shared buffers, the N
     prompt slots kept when rows join and leave) equal each row alone through the runtime."""
     pytest.importorskip("fastapi")
-    import time
-    from concurrent.futures import ThreadPoolExecutor
 
     from ptuning_onnx import runtime
-    from test_serve import Server, _alone, _post
+    from test_serve import Server, _alone
 
     _, folder, _, _ = multi_built
     oracle = runtime.load(folder, provider="cpu", threads=1)
@@ -419,12 +406,7 @@ def test_service_batches_a_fused_multi_prompt_folder_like_rows_alone(multi_built
                         adapter="short" if r["adapter"] == "long" else "long") for r in requests]
         assert alone != other  # the adapter matters for these rows (negative control)
 
-        def send(item):
-            time.sleep(item[0] * 0.02)  # rows join a batch that is already decoding
-            return _post(server, "/v1/generate", item[1], headers={}).json()["outputs"][0]["token_ids"]
-
-        with ThreadPoolExecutor(len(requests)) as pool:
-            together = list(pool.map(send, enumerate(requests)))
+        together = _staggered(server, requests)
         assert together == alone
     finally:
         server.stop()
@@ -433,17 +415,11 @@ def test_service_batches_a_fused_multi_prompt_folder_like_rows_alone(multi_built
 def test_the_fused_graph_loads_at_the_lowest_opset(built, tmp_path):
     """The builder writes only ops valid at the export's opset (Split by a sizes input, not opset 18's
     num_outputs): at opset 14 onnxruntime loads the graph and the exact gate passes."""
-    import shutil
-
     from ptuning_onnx import manifest as mf
     from ptuning_onnx.parity import check_parity
 
     fused, adapter, _ = built
-    folder = tmp_path / "folder"
-    shutil.copytree(fused.path, folder)
     ref = load_reference(MODELS / "llama", load_adapter(adapter), None)
-    build_llama.build(ref, folder / "model.onnx", opset=14)
+    folder = swap_in_fused_graph(fused.path, tmp_path / "folder", ref, opset=14)
     assert onnx.load(str(folder / "model.onnx")).opset_import[0].version == 14
-    manifest = mf.read_manifest(folder, verify=False)
-    manifest["model"]["cache_holds_prompt"] = True
-    assert check_parity(folder, ref, manifest, atol=1e-4)["passed"]
+    assert check_parity(folder, ref, mf.read_manifest(folder), atol=1e-4)["passed"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODELS, ROOT
+from conftest import MODELS, ROOT, swap_in_fused_graph
 from ptuning_onnx.adapter import load_adapter
 from ptuning_onnx.errors import ConfigError, ParityError
 from ptuning_onnx.train import TrainArgs, train
@@ -386,13 +386,11 @@ def test_templated_llama_gets_the_fused_graph_with_exact_parity(tmp_path, torch_
     maps placeholder ids to their prompt rows in the graph (as the traced template graph does). The fused graph
     passes the exact gate with the slots in its cases, perturbing only the inline rows fails it, and raw fields
     generate what the reference generates (shared KV buffers)."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     from ptuning_onnx import manifest as mf
     from ptuning_onnx import runtime
-    from ptuning_onnx.export import build_llama, export
+    from ptuning_onnx.export import export
     from ptuning_onnx.export.exporter import load_reference
     from ptuning_onnx.parity import check_parity
     from ptuning_onnx.template_data import tokenizer_specials
@@ -401,14 +399,9 @@ def test_templated_llama_gets_the_fused_graph_with_exact_parity(tmp_path, torch_
     result = export(MODELS / "llama", tmp_path / "llama-t", tmp_path / "out", optimize=True, progress=False)
     assert adapter is not None and result.report["passed"]
     assert result.manifest["optimization"]["recipe"] == "ptuning-onnx llama builder"
-    folder = tmp_path / "fused"  # the fused graph, whatever the timing kept
-    shutil.copytree(result.path, folder)
     ref = load_reference(MODELS / "llama", tmp_path / "llama-t")
-    build_llama.build(ref, folder / "model.onnx")
-    manifest = mf.read_manifest(folder, verify=False)
-    manifest["model"].update(cache_holds_prompt=True, past_present_share_buffer=True)
-    manifest["files"] = mf.hash_files(folder, list(manifest["files"]))
-    mf.write_manifest(folder, manifest)
+    folder = swap_in_fused_graph(result.path, tmp_path / "fused", ref)  # whatever the timing kept
+    manifest = mf.read_manifest(folder)
     report = check_parity(folder, ref, manifest, atol=1e-4)
     assert report["passed"] and report["negative_control"]["failed_as_expected"]
     table = ref.prompt_rows().detach().clone()

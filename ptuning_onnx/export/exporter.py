@@ -149,8 +149,7 @@ def export(base_model: os.PathLike, adapter: os.PathLike, output: os.PathLike, *
                                            int4_block_size=int4_block_size)
         _copy_side_files(Path(base_model), ref, tmp)
         manifest = _build_manifest(ref, tmp, graphs, Path(base_model), adapter_dir, loaded.config, opset, dtype,
-                                   quantize, optimization, route)
-        manifest["quantization"] = quantization_entry(quantize, int4_block_size)
+                                   quantize, optimization, route, int4_block_size)
         # onnxruntime-genai's sidecar, hashed below like every other file. genai sizes each present as its own
         # count of tokens, so a graph whose cache also holds the prompt's positions (a fused Llama) gets none.
         # A templated graph needs placeholder ids that genai cannot make: without them it would run prefix-only.
@@ -335,7 +334,7 @@ def _io(values) -> list:
 
 
 def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adapter_dir: Path, adapter_cfg,
-                    opset, dtype, quantize, optimization, route) -> dict:
+                    opset, dtype, quantize, optimization, route, int4_block_size: Optional[int] = None) -> dict:
     cfg = ref.base.config
     graphs = {}
     for spec in specs:
@@ -380,13 +379,15 @@ def _build_manifest(ref: PTuningModel, folder: Path, specs, base_dir: Path, adap
             if ref.task in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
             # True: present.* hold the prompt's n positions before the user's, and so must a past given back.
             "cache_holds_prompt": bool(optimization and optimization.get("cache_holds_prompt")),
-            # True: past_key_values.* and present.* may be one preallocated (B, KV, M, D) buffer bound to both.
-            "past_present_share_buffer": bool(optimization and optimization.get("past_present_share_buffer")),
+            # True: past_key_values.* and present.* may be one preallocated (B, KV, M, D) buffer bound to both; the
+            # Llama builder's graphs, the ones whose cache holds the prompt, take it (build_llama.py).
+            "past_present_share_buffer": bool(optimization and optimization.get("cache_holds_prompt")),
         },
         "graphs": graphs,
         "opset": opset,
         "dtype": dtype,
         "quantize": quantize,
+        "quantization": quantization_entry(quantize, int4_block_size),
         "optimized": bool(optimization and optimization.get("kept") == "fused"),
         "optimization": optimization,
         "exporter": route,

@@ -53,16 +53,11 @@ def fuse(folder: Path, graphs: list, config, task, *, external_data: Optional[bo
         from . import build_llama
 
         why_not = build_llama.unsupported(config)
-        if why_not is None and isinstance(ref, (list, tuple)) and any(getattr(r, "template", None) is not None
-                                                                     for r in ref):
-            why_not = "templated adapters in a multi-prompt graph"  # refused earlier by the multi export anyway
         if why_not is None:
             entry = _keep_faster(folder, graphs, config, task, external_data, "ptuning-onnx llama builder",
                                  lambda path, candidate: _build(build_llama, ref, path, candidate, external_data),
                                  untimed_above=UNTIMED_BYTES)
             entry["cache_holds_prompt"] = entry["kept"] == "fused"  # the built graph's cache convention
-            # ... and its past and present may be one buffer (build_llama's docstring)
-            entry["past_present_share_buffer"] = entry["kept"] == "fused"
             if entry["kept"] == "fused":
                 entry["min_onnxruntime"] = build_llama.MIN_ONNXRUNTIME
             return entry

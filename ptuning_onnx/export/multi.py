@@ -40,7 +40,6 @@ from . import _optimum
 from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
                        _resolve_route, _verified, finalize, load_reference)
 from .passes import apply_passes, check_options
-from .optimize import quantization_entry
 from .multi_seq2seq import MultiSeq2SeqDecoderGraph, MultiSeq2SeqEncoderGraph
 from .prompt_tables import PROMPT_IDS, gather_prompts, padded, register_prompts
 from .genai import write_genai_config
@@ -295,7 +294,8 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
 
     def manifest_for(graph_dtype, graph_quantize, optimization) -> dict:
         manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
-                                   loaded[names[0]].config, opset, graph_dtype, graph_quantize, optimization, route)
+                                   loaded[names[0]].config, opset, graph_dtype, graph_quantize, optimization, route,
+                                   int4_block_size)
         _describe(manifest, refs, loaded, adapters)
         return manifest
 
@@ -323,7 +323,6 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             config.label2id = {f"LABEL_{i}": i for i in range(width)}
             config.save_pretrained(tmp)
         manifest = manifest_for(dtype, quantize, optimization)
-        manifest["quantization"] = quantization_entry(quantize, int4_block_size)
         # genai feeds prompt_ids with generator.set_model_input (FORMAT.md); it sizes each present to its own
         # tokens, so a fused graph whose cache holds the prompt's slots gets no genai_config.json.
         if first.task == TaskType.CAUSAL_LM and not manifest["model"]["cache_holds_prompt"]:

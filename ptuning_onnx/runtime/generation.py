@@ -78,7 +78,7 @@ class TokenChooser:
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         scores = np.array(logits, dtype=np.float32)  # a copy: fp16 graphs, and the processors write in place
-        bad = np.isnan(scores).any(-1)
+        bad = np.isnan(scores.max(-1))  # a row's max is NaN where any of its logits is: no (B, V) temporary
         if bad.any():
             raise NaNLogitsError(f"the graph returned NaN logits (rows {np.flatnonzero(bad).tolist()}); an fp16 "
                                      "graph may have overflowed: export fp32 or check the inputs")
@@ -240,8 +240,7 @@ def causal_lm_steps(session, ids: np.ndarray, mask: np.ndarray, chooser: TokenCh
             return
         if share_buffer and cache is None:  # after the prefill: buffers with room for every step still to come
             presents = {name: kept[_present(name)] for name in past_names}
-            filled = next(iter(presents.values())).shape[2]
-            cache, kept = SharedKVCache(session, presents, filled + max_new_tokens - 1 - step), {}
+            cache, kept = SharedKVCache(session, presents, max_new_tokens - 1 - step), {}
         mask = np.concatenate([mask, ones], 1)  # (B, L + step + 1); tiny next to the cache, which is never copied
         feed = {"input_ids": token[:, None], "attention_mask": mask}
         if "position_ids" in names:

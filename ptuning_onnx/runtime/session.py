@@ -190,11 +190,12 @@ class SharedKVCache:
     a returned present is a new buffer that the kernel fills with a copy of the whole past, every layer and step.
 
     For graphs whose manifest says ``model.past_present_share_buffer`` (export/build_llama.py), on the CPU. Built
-    from the prefill's presents (B, KV, T, D): each buffer is (B, KV, ``capacity``, D) with those T positions
-    first. Every buffer belongs to one call (runs change them in place); the session may be shared.
+    from the cache so far (past name -> (B, KV, T, D), the same T for all) with room for ``steps`` more positions:
+    each buffer is (B, KV, T + steps, D), those T first. Every buffer belongs to one call (runs change them in
+    place); the session may be shared.
     """
 
-    def __init__(self, session, presents: dict, capacity: int):
+    def __init__(self, session, cache: dict, steps: int):
         from onnxruntime import OrtValue
 
         self.session = session
@@ -202,13 +203,11 @@ class SharedKVCache:
         self.io.bind_output("logits", "cpu")  # get_outputs() lists outputs in the order they were bound: first
         self._held: list = []  # the OrtValues, which point at the buffers' memory
         self._step: list = []
-        self.buffers: dict = {}  # past name -> (B, KV, capacity, D)
-        self.filled = 0  # positions written so far
-        for past_name, present in presents.items():
-            batch, heads, self.filled, head_dim = present.shape
-            if capacity < self.filled:
-                raise ValueError(f"cache capacity {capacity} < the {self.filled} positions already filled")
-            buffer = np.zeros((batch, heads, capacity, head_dim), present.dtype)  # padding slots must be finite
+        self.buffers: dict = {}  # past name -> (B, KV, T + steps, D)
+        self.filled = next(iter(cache.values())).shape[2]  # positions written so far
+        for past_name, present in cache.items():
+            batch, heads, _, head_dim = present.shape
+            buffer = np.zeros((batch, heads, self.filled + steps, head_dim), present.dtype)  # pads must be finite
             buffer[:, :, :self.filled] = present
             value = OrtValue.ortvalue_from_numpy(buffer)
             self.io.bind_ortvalue_input(past_name, value)

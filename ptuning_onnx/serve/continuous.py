@@ -74,9 +74,13 @@ class _Running:
         if self.prompts is not None and other.prompts is not None:
             self.prompts = np.concatenate([self.prompts, other.prompts])
 
+    def steps_left(self) -> int:
+        """The most steps any row may still take."""
+        return max(r.params.max_new_tokens - len(r.tokens) for r in self.rows)
+
     def length_needed(self) -> int:
         """Cached width plus the most steps any row may still take: what the model's positions must hold."""
-        return self.mask.shape[1] + max(r.params.max_new_tokens - len(r.tokens) for r in self.rows)
+        return self.mask.shape[1] + self.steps_left()
 
 
 def _left_after(value: np.ndarray, lead: int, width: int) -> np.ndarray:
@@ -227,9 +231,8 @@ class Continuous:
         try:
             self.b.on_batch("generate", len(batch))
             if self.share_buffer:
-                if batch.cache is None:  # room for the cache so far and every step any row may still take
-                    lead = batch._lead(next(iter(batch.past.values())))
-                    batch.cache = SharedKVCache(self.session, batch.past, lead + batch.length_needed())
+                if batch.cache is None:  # room for every step any row may still take
+                    batch.cache = SharedKVCache(self.session, batch.past, batch.steps_left())
                 logits = batch.cache.run(feed)[:, -1]  # (B, V)
                 batch.past = batch.cache.past()
             else:
