@@ -160,6 +160,39 @@ def test_shared_buffer_samples_and_streams_what_the_copying_loop_does(built, tmp
     assert streamed[0] == streamed[1] == one[0]
 
 
+def test_shared_cache_steps_match_returned_presents_and_own_their_buffers(built, tmp_path):
+    """SharedKVCache's contract, step by step against the copying path (session.run with the presents passed back):
+    the same logits and cache at every step; the logits it returned, and the arrays a caller passed, may change
+    afterwards without changing either side; a step of two tokens is refused."""
+    from ptuning_onnx.runtime.generation import empty_past, positions
+    from ptuning_onnx.runtime.session import SharedKVCache
+
+    session = _fused_model(built, tmp_path).sessions["model"]
+    names = [o.name for o in session.get_outputs()]
+    _, ids, mask = _padded_rows(3, (6, 2))
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), **empty_past(session, 2)}
+    out = dict(zip(names, session.run(names, feed), strict=True))
+    past = {n: out[n.replace("past_key_values", "present", 1)] for n in feed if n.startswith("past_key_values")}
+    cache = SharedKVCache(session, dict(past), steps=4)
+    kept = []
+    for _ in range(4):
+        token = out["logits"][:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        step = {"input_ids": token, "attention_mask": mask, "position_ids": mask.sum(-1, keepdims=True) - 1}
+        out = dict(zip(names, session.run(names, {**step, **past}), strict=True))
+        past = {n: out[n.replace("past_key_values", "present", 1)] for n in past}
+        shared = cache.run(step)
+        kept.append((shared, shared.copy()))
+        step["input_ids"][:] = 0  # the caller's arrays are its own again after the call
+        step["position_ids"][:] = 0
+        np.testing.assert_allclose(shared, out["logits"], atol=1e-5)
+        for name, value in cache.past().items():
+            np.testing.assert_array_equal(value, past[name])
+    assert all(np.array_equal(a, b) for a, b in kept)  # no later step wrote into an earlier step's logits
+    with pytest.raises(ValueError, match="one token per row"):
+        cache.run({"input_ids": np.zeros((2, 2), np.int64), "attention_mask": mask, "position_ids": mask[:, -2:]})
+
+
 def test_parity_fails_a_fused_graph_built_from_another_prompt(built, tmp_path):
     """Negative control for the builder itself: the graph of a different adapter's prompt, dropped into this
     folder, fails the same exact gate."""

@@ -183,6 +183,17 @@ def _contiguous(value) -> np.ndarray:
     return np.asarray(value, order="C")
 
 
+def _output_buffer(session, name: str, leading: tuple) -> Optional[np.ndarray]:
+    """An empty array for output ``name`` with ``leading`` dims and the graph's fixed trailing ones, or None when a
+    trailing dim is symbolic or the type is not a plain float."""
+    output = next(o for o in session.get_outputs() if o.name == name)
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(output.type)
+    trailing = output.shape[len(leading):]
+    if dtype is None or not all(isinstance(d, int) and d > 0 for d in trailing):
+        return None
+    return np.empty((*leading, *trailing), dtype)
+
+
 class SharedKVCache:
     """Decoding steps whose past and present are ONE preallocated buffer per cache tensor: onnxruntime's
     GroupQueryAttention sees the same memory bound as ``past_key_values.*`` and ``present.*`` (its
@@ -200,11 +211,20 @@ class SharedKVCache:
 
         self.session = session
         self.io = session.io_binding()
-        self.io.bind_output("logits", "cpu")  # get_outputs() lists outputs in the order they were bound: first
         self._held: list = []  # the OrtValues, which point at the buffers' memory
-        self._step: list = []
+        # Step inputs: name -> (array, OrtValue over it). An input whose shape is unchanged (ids, positions,
+        # prompt_ids) is copied into its array and stays bound; only the growing mask is bound anew each step.
+        self._inputs: dict = {}
         self.buffers: dict = {}  # past name -> (B, KV, T + steps, D)
         self.filled = next(iter(cache.values())).shape[2]  # positions written so far
+        batch = next(iter(cache.values())).shape[0]
+        # The logits of a one-token step go into one buffer bound once: get_outputs() would wrap every present too.
+        self._logits = _output_buffer(session, "logits", (batch, 1))
+        if self._logits is None:
+            self.io.bind_output("logits", "cpu")
+        else:
+            self._held.append(OrtValue.ortvalue_from_numpy(self._logits))
+            self.io.bind_ortvalue_output("logits", self._held[-1])
         for past_name, present in cache.items():
             batch, heads, _, head_dim = present.shape
             buffer = np.zeros((batch, heads, self.filled + steps, head_dim), present.dtype)  # pads must be finite
@@ -216,18 +236,27 @@ class SharedKVCache:
             self._held.append(value)
 
     def run(self, inputs: dict) -> np.ndarray:
-        """One step on ``inputs`` (the small ones: ids, mask, positions, ...); returns the logits."""
+        """One step of one token per row on ``inputs`` (the small ones: ids, mask, positions, ...); returns the
+        (B, 1, V) logits."""
         from onnxruntime import OrtValue
 
-        self._step = []  # the bound inputs' OrtValues (and so their arrays) live until the next run rebinds them
+        if inputs["input_ids"].shape[1] != 1:
+            raise ValueError(f"SharedKVCache runs one token per row, got input_ids {inputs['input_ids'].shape}")
         for name, value in inputs.items():
-            ort_value = OrtValue.ortvalue_from_numpy(_contiguous(value))
+            value = np.asarray(value)
+            held = self._inputs.get(name)
+            if held is not None and held[0].shape == value.shape and held[0].dtype == value.dtype:
+                np.copyto(held[0], value)  # the OrtValue points at this array: nothing to bind
+                continue
+            array = np.array(value, order="C", copy=True)  # ours: a caller's array may change after the call
+            ort_value = OrtValue.ortvalue_from_numpy(array)
             self.io.bind_ortvalue_input(name, ort_value)
-            self._step.append(ort_value)
+            self._inputs[name] = (array, ort_value)
         self.session.run_with_iobinding(self.io)
-        self.filled += inputs["input_ids"].shape[1]
-        # A copy: the bound logits buffer is reused by the next run.
-        return np.array(self.io.get_outputs()[0].numpy(), copy=True)
+        self.filled += 1
+        # A copy: the bound logits buffer is overwritten by the next run.
+        logits = self._logits if self._logits is not None else self.io.get_outputs()[0].numpy()
+        return np.array(logits, copy=True)
 
     def past(self) -> dict:
         """The cache so far, past name -> (B, KV, filled, D): views of the buffers (valid until the next run)."""
