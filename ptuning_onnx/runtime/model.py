@@ -206,23 +206,16 @@ class _Generative(RuntimeModel):
             yield int(token[0])
 
     def _text_pieces(self, steps, params) -> Iterator[str]:
-        tokenizer = require(self.tokenizer, self.path)
-        tokens: list[int] = []
-        sent = ""
+        text = require(self.tokenizer, self.path).text_stream()
         for token in steps:
-            tokens.append(int(token[0]))
-            text = tokenizer.decode(tokens)
-            # A byte-level BPE token can end inside a UTF-8 character: hold it back until the character completes.
-            if text.endswith("\ufffd"):
-                continue
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text[len(sent):]
-            sent = text
-            if tokens[-1] in params.eos_token_ids:
-                return
-        text = tokenizer.decode(tokens)
-        if text != sent and text.startswith(sent):
-            yield text[len(sent):]
+            piece = text.add(token[0])
+            if piece:
+                yield piece
+            if text.tokens[-1] in params.eos_token_ids:
+                break
+        rest = text.finish()  # a character that the last token left incomplete
+        if rest:
+            yield rest
 
 
 class CausalLM(_Generative):

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..runtime import generation as gen
 from ..runtime.model import CausalLM, RuntimeModel, Seq2SeqLM
+from ..runtime.tokenizer import TextStream
 from ..runtime.validation import GenerationParams
 
 GENERATE, CLASSIFY, TAG, EMBED = "generate", "classify", "tag", "embed"
@@ -53,6 +54,7 @@ class Row:
     cancelled: bool = False
     tokens: list = field(default_factory=list)
     sent: str = ""  # text already streamed
+    decoded: Optional[TextStream] = None  # the new tokens' text so far (rows that stream or have stop strings)
 
     def cancel(self) -> None:
         """The client went away: the worker finishes this row at its next step (plain write, read by the worker)."""
@@ -239,23 +241,28 @@ def _step(model: RuntimeModel, row: Row, token: int) -> Optional[str]:
         if row.stream:
             row.emit("token", row.index, token, None)
         return reason
-    text = model.tokenizer.decode(row.tokens)
-    cut = _stop_at(text, row.stop)
+    if row.decoded is None:
+        row.decoded = model.tokenizer.text_stream()
+    searched = max(0, len(row.decoded.text) - max((len(s) for s in row.stop), default=1) + 1)
+    row.decoded.add(token)
+    if reason:
+        row.decoded.finish()  # a character that the last token left incomplete
+    text = row.decoded.text
+    cut = _stop_at(text, row.stop, searched)  # a stop string ending before this token's text was found earlier
     if cut is not None:
         text, reason = text[:cut], "stop"
     if row.stream:
-        # Hold back an incomplete UTF-8 character, and a tail that may become a stop string.
+        # Hold back a tail that may become a stop string.
         ready = text if reason else text[:len(text) - _held(text, row.stop)]
-        if ready.endswith("\ufffd") and not reason:
-            ready = row.sent
         piece = ready[len(row.sent):] if ready.startswith(row.sent) and len(ready) > len(row.sent) else ""
         row.sent = row.sent + piece
         row.emit("token", row.index, token, piece)
     return reason
 
 
-def _stop_at(text: str, stops: tuple) -> Optional[int]:
-    hits = [text.find(s) for s in stops if s and s in text]
+def _stop_at(text: str, stops: tuple, start: int = 0) -> Optional[int]:
+    """Where the first stop string starts in ``text[start:]`` (an index into ``text``), or None."""
+    hits = [hit for hit in (text.find(s, start) for s in stops if s) if hit >= 0]
     return min(hits) if hits else None
 
 
