@@ -72,7 +72,7 @@ def write_golden(folder: Path, memo: "ReferenceMemo", task: str, report: dict,
             out["greedy.control.logits"] = np.asarray(forced, np.float32)
         steps = int(tokens.shape[1])
     scales = _logit_scales(out)  # measured before any column subset: the export's bound used the whole vocabulary
-    _keep_columns(out)
+    keep_columns(out)
     for name, value in out.items():
         if value.dtype == object:  # np.savez would pickle it
             raise TypeError(f"golden array {name} has dtype object")
@@ -104,7 +104,7 @@ def _logit_scales(out: dict) -> dict:
     return scales
 
 
-def _keep_columns(out: dict) -> None:
+def keep_columns(out: dict) -> None:
     """Slice every ``*.logits`` array to ``logits.columns`` when the vocabulary is larger than FULL_VOCAB_UP_TO."""
     names = [k for k in out if k.endswith(".logits")]
     if not names or out[names[0]].shape[-1] <= FULL_VOCAB_UP_TO:

@@ -37,14 +37,14 @@ from ..config import TASK_TO_CLI, TaskType, parse_task
 from ..errors import ConfigError, ExportError, PtuningError
 from ..reference import PTuningModel
 from . import _optimum
-from .exporter import (ExportResult, Progress, _build_manifest, _check_output, _copy_side_files, _export_graphs,
-                       _resolve_route, _verified, finalize, load_reference)
+from .exporter import ExportResult, Progress, load_reference
+from .folder import build_manifest, check_output, copy_side_files, export_graphs, finalize, resolve_route, verified
 from .passes import apply_passes, check_options
 from .multi_seq2seq import MultiSeq2SeqDecoderGraph, MultiSeq2SeqEncoderGraph
 from .prompt_tables import PROMPT_IDS, gather_prompts, padded, register_prompts
 from .genai import write_genai_config
 from .multi_heads import RowHeads, head_paths, label_info, with_modules
-from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, _cache, causal_example, decode,
+from .wrappers import (CausalLMGraph, EncoderTaskGraph, GraphSpec, causal_example, decode, dynamic_cache,
                        causal_spec)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -187,7 +187,7 @@ class MultiCausalLMGraph(nn.Module):
             cache.append((torch.cat([key, past[2 * i]], 2), torch.cat([value, past[2 * i + 1]], 2)))
         prompt_mask = self.prompt_mask.index_select(0, prompt_ids).to(attention_mask.dtype)  # (B, N)
         mask = torch.cat([prompt_mask, attention_mask], 1)
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=dynamic_cache(cache), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids + self.prompt_offset.index_select(0, prompt_ids).unsqueeze(1)
         # self.n: the N prompt slots (padded table), the graph's own
@@ -266,7 +266,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
     from ..tolerance import default_atol, default_rtol
     from .golden import write_golden
 
-    output = _check_output(output, overwrite)
+    output = check_output(output, overwrite)
     check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
                   int4_block_size=int4_block_size,
                   skip_verify=skip_verify)
@@ -275,7 +275,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
                           "GPU host with ptuning-verify --provider cuda (its golden.npz holds every adapter's rows)")
     if not adapters:
         raise ConfigError("no adapters given")
-    route = _resolve_route(exporter)
+    route = resolve_route(exporter)
     log = Progress(progress)
     with log.step(f"loading base model and {len(adapters)} adapters"):
         refs, loaded = load_references(base_model, adapters, task)
@@ -293,7 +293,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             return [MultiEncoderGraph(ordered, _optimum.extra_inputs(first.base, first.task))]
 
     def manifest_for(graph_dtype, graph_quantize, optimization) -> dict:
-        manifest = _build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
+        manifest = build_manifest(first, tmp, graphs, Path(base_model), Path(adapters[names[0]]),
                                    loaded[names[0]].config, opset, graph_dtype, graph_quantize, optimization, route,
                                    int4_block_size)
         _describe(manifest, refs, loaded, adapters)
@@ -303,11 +303,11 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
     try:
         with log.step(f"exporting one {TASK_TO_CLI[first.task]} graph for {len(names)} prompts (opset {opset}, "
                       f"{route})"):
-            graphs = _export_graphs(first, tmp, opset, route, external_data, make_wrappers=make)
+            graphs = export_graphs(first, tmp, opset, route, external_data, make_wrappers=make)
 
         def exact_fp32(optimization):
             fp32 = manifest_for("fp32", None, optimization)
-            return _verified(lambda: check_multi(tmp, refs, fp32, atol=default_atol()), output)
+            return verified(lambda: check_multi(tmp, refs, fp32, atol=default_atol()), output)
 
         optimization, exact = apply_passes(tmp, graphs, first.base.config, first.task, log, optimize=optimize,
                                            dtype=dtype, quantize=quantize, external_data=external_data,
@@ -315,7 +315,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
                                            raw_attention_mask=True,  # shorter prompts leave masked slots
                                            int4_block_size=int4_block_size,
                                            ref=ordered if first.task == TaskType.CAUSAL_LM else None)
-        _copy_side_files(Path(base_model), first, tmp)
+        copy_side_files(Path(base_model), first, tmp)
         if first.task in HEADED:  # config.json describes the graph's padded logits; the labels are per adapter
             width = max(label_info(ref)["num_labels"] for ref in ordered)
             config = copy.deepcopy(first.base.config)
@@ -332,14 +332,14 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
             if quantize:
                 with log.step(f"verifying the {quantize} graph per adapter (teacher-forced, error relative to each "
                               "prompt's effect)"):
-                    report, memo = _verified(lambda: check_quantized_multi(tmp, refs, manifest, exact=exact), output)
+                    report, memo = verified(lambda: check_quantized_multi(tmp, refs, manifest, exact=exact), output)
                 manifest["golden"] = write_golden(tmp, memo, manifest["task"], report, adapters=len(names))
             else:
                 tolerance, rtol = (default_atol(dtype) if atol is None else atol), default_rtol(dtype)
                 arrays: dict = {}
                 with log.step(f"verifying each adapter's rows in a mixed, padded batch against that adapter alone "
                               f"(atol {tolerance:g}" + (f", rtol {rtol:g})" if rtol else ")")):
-                    report = _verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, rtol=rtol,
+                    report = verified(lambda: check_multi(tmp, refs, manifest, atol=tolerance, rtol=rtol,
                                                            golden=arrays), output)
                 manifest["golden"] = _write_golden(tmp, arrays, report)
             manifest["parity"] = report
@@ -357,7 +357,7 @@ def _describe(manifest: dict, refs: dict, loaded: dict, paths: dict) -> None:
     manifest["num_virtual_tokens"] = n  # the graph's prompt slots (N); each adapter's own n is under adapters
     limit = manifest["model"]["max_user_tokens"]
     first = next(iter(refs.values()))
-    if limit is not None:  # limit - n_first, from _build_manifest; the longest prompt leaves the least room
+    if limit is not None:  # limit - n_first, from build_manifest; the longest prompt leaves the least room
         manifest["model"]["max_user_tokens"] = limit + first.n - n
     manifest["adapter"] = None
     manifest["adapter_config"] = None
@@ -378,9 +378,9 @@ def _write_golden(folder: Path, arrays: dict, report: dict) -> dict:
     steps (``greedy.*``, with ``greedy.prompt_ids``); runtime/golden.py checks it like a single folder's."""
     import numpy as np
 
-    from .golden import GOLDEN_FORMAT, _keep_columns
+    from .golden import GOLDEN_FORMAT, keep_columns
 
-    _keep_columns(arrays)
+    keep_columns(arrays)
     np.savez(folder / mf.GOLDEN_NAME, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
     # scales: each output's largest |reference| on real values, as parity measured it (the arrays hold LABEL_PAD
     # in padded label columns, and large vocabularies keep a column subset), for fp16's relative bound.

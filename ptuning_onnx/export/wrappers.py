@@ -37,7 +37,7 @@ def _layers(cache) -> list:
     return [(k, v) for k, v, *_ in cache.to_legacy_cache()]
 
 
-def _cache(pairs):
+def dynamic_cache(pairs):
     """A ``DynamicCache`` holding ``pairs``; built inside the graph so no Cache object is a graph input."""
     from transformers.cache_utils import DynamicCache
 
@@ -153,7 +153,7 @@ class CausalLMGraph(nn.Module):
             mask = torch.cat([ones, attention_mask], 1)
         inputs = ({"input_ids": input_ids} if self.templated is None
                   else {"inputs_embeds": self.templated.embed_tokens(input_ids)})
-        kwargs = dict(**inputs, attention_mask=mask, past_key_values=_cache(cache), use_cache=True)
+        kwargs = dict(**inputs, attention_mask=mask, past_key_values=dynamic_cache(cache), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids + self.offset
         return decode(self.model, kwargs, input_ids, logits_to_keep, self._keep_native, self.n)
@@ -269,7 +269,7 @@ class Seq2SeqDecoderGraph(nn.Module):
         """One decoder step over encoder states (B, L, D) whose mask (B, L) covers the virtual slots too."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-        self_cache = _cache((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
+        self_cache = dynamic_cache((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
         cache = EncoderDecoderCache(self_cache, DynamicCache())
         out = self.ref.base(encoder_outputs=(encoder_hidden_states,), attention_mask=mask, decoder_input_ids=input_ids,
                             past_key_values=cache, use_cache=True, return_dict=True)
