@@ -174,7 +174,7 @@ def test_shared_cache_steps_match_returned_presents_and_own_their_buffers(built,
     out = dict(zip(names, session.run(names, feed), strict=True))
     past = {n: out[n.replace("past_key_values", "present", 1)] for n in feed if n.startswith("past_key_values")}
     cache = SharedKVCache(session, dict(past), steps=4)
-    kept = []
+    kept, given, bound = [], [], []
     for _ in range(4):
         token = out["logits"][:, -1].argmax(-1)[:, None]
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
@@ -183,12 +183,15 @@ def test_shared_cache_steps_match_returned_presents_and_own_their_buffers(built,
         past = {n: out[n.replace("past_key_values", "present", 1)] for n in past}
         shared = cache.run(step)
         kept.append((shared, shared.copy()))
-        step["input_ids"][:] = 0  # the caller's arrays are its own again after the call
-        step["position_ids"][:] = 0
+        given.append({k: (v, v.copy()) for k, v in step.items()})
+        bound.append(cache._inputs["input_ids"][1])
         np.testing.assert_allclose(shared, out["logits"], atol=1e-5)
         for name, value in cache.past().items():
             np.testing.assert_array_equal(value, past[name])
     assert all(np.array_equal(a, b) for a, b in kept)  # no later step wrote into an earlier step's logits
+    # The caller's arrays are never bound: later steps did not write into them.
+    assert all(np.array_equal(a, b) for step in given for a, b in step.values())
+    assert all(value is bound[0] for value in bound)  # the ids stayed bound: each step copied into them
     with pytest.raises(ValueError, match="one token per row"):
         cache.run({"input_ids": np.zeros((2, 2), np.int64), "attention_mask": mask, "position_ids": mask[:, -2:]})
 

@@ -706,17 +706,45 @@ def test_text_stream_pieces_add_up_to_the_whole_decode(path):
 
     tokenizer = TextTokenizer(path, padding_side="left", pad_id=0)
     vocab = tokenizer._tok.get_vocab_size()
+    held = _check_text_stream(tokenizer, lambda rng: rng.integers(0, vocab + 3, rng.integers(1, 40)).tolist())
+    if "gpt2" in str(path) or "llama" in str(path):
+        assert held > 0  # byte-level: some lists ended inside a character, and finish gave it
+
+
+def test_text_stream_holds_byte_fallback_runs(tmp_path):
+    """Llama-2's decoder (ByteFallback): a run of <0xNN> tokens that stops being valid UTF-8 turns into one U+FFFD
+    per byte, changing text its first bytes gave ("é" then a truncated "é": three U+FFFD). The stream holds a run
+    back until a token that is not a byte closes it (tokenizers' DecodeStream raised "Invalid prefix" here)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    from ptuning_onnx.runtime.tokenizer import TextTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{x:02X}>": 3 + x for x in range(256)}, "▁a": 259, "b": 260}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = TextTokenizer(tmp_path / "tokenizer.json", padding_side="left", pad_id=0)
+    stream = tokenizer.text_stream()
+    pieces = [stream.add(i) for i in (0xC3 + 3, 0xA9 + 3, 0xC3 + 3, 259)]
+    assert pieces == ["", "", "", "\ufffd" * 3 + " a"] and stream.text == tokenizer.decode([0xC6, 0xAC, 0xC6, 259])
+    utf8 = list("hé✓".encode()) + [0xC3, 0xFF]  # valid characters and invalid bytes
+    held = _check_text_stream(tokenizer, lambda rng: [int(rng.choice([3 + int(rng.choice(utf8)), 259, 260, 2, 999]))
+                                                      for _ in range(rng.integers(1, 30))])
+    assert held > 0
+
+
+def _check_text_stream(tokenizer, make_ids) -> int:
     rng = np.random.default_rng(0)
     held = 0
-    for _ in range(60):
-        ids = rng.integers(0, vocab + 3, rng.integers(1, 40)).tolist()
+    for _ in range(80):
+        ids = make_ids(rng)
         stream = tokenizer.text_stream()
         pieces = []
         for k, token in enumerate(ids):
             pieces.append(stream.add(token))
-            whole = tokenizer.decode(ids[:k + 1])
-            assert whole.startswith("".join(pieces)) and "".join(pieces) == stream.text
+            assert tokenizer.decode(ids[:k + 1]).startswith("".join(pieces)) and "".join(pieces) == stream.text
         held += stream.finish() != ""
         assert stream.text == tokenizer.decode(ids)
-    if "gpt2" in str(path) or "llama" in str(path):
-        assert held > 0  # byte-level: some lists ended inside a character, and finish gave it
+    return held

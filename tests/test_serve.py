@@ -257,7 +257,7 @@ def test_stop_strings_across_token_boundaries(oracle):
             stop = full[start:start + length]
             if not stop.strip():
                 continue
-            row = b.Row(kind="generate", index=0, loop=loop, events=asyncio.Queue(), stop=(stop, "\x00never"),
+            row = b.Row(kind="generate", index=0, loop=loop, events=asyncio.Queue(), stop=(stop, "\x00"),
                         stream=True, params=GenerationParams(max_new_tokens=40, eos_token_ids=()))
             reason = None
             for token in tokens:
@@ -273,6 +273,50 @@ def test_stop_strings_across_token_boundaries(oracle):
             checked += 1
     loop.close()
     assert checked > 10
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["continuous", "static"])
+def test_a_row_whose_text_fails_ends_alone(exports, oracle, static, monkeypatch):
+    """Fault injection in the batchers: one row's streamed text raises (its tokenizer); that row gets the error,
+    and the row decoding beside it finishes with the tokens it gets alone."""
+    import asyncio
+
+    from ptuning_onnx.runtime.validation import GenerationParams
+    from ptuning_onnx.serve import batcher as b
+
+    monkeypatch.setenv(b.STATIC_ENV, "1" if static else "0")
+
+    model = rt.load(exports["causal-lm"], provider="cpu", threads=1)
+
+    class Failing:  # the model's tokenizer, except that streaming text fails
+        def __getattr__(self, name):
+            return getattr(oracle["causal-lm"].tokenizer, name)
+
+        def text_stream(self):
+            raise RuntimeError("tokenizer fault")
+
+    model.tokenizer = Failing()
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        params = GenerationParams(max_new_tokens=12, eos_token_ids=())
+        rows = [b.Row(kind="generate", index=i, loop=loop, events=events, ids=np.array(ids, np.int64),
+                      params=params, stream=stream) for i, (ids, stream) in enumerate([([5, 6, 7], True),
+                                                                                       ([8, 9], False)])]
+        batcher = b.Batcher(model, max_batch_size=4, max_wait_ms=50)
+        batcher.submit(rows)
+        ended = {}
+        while len(ended) < 2:
+            kind, index, *rest = await asyncio.wait_for(events.get(), 60)
+            if kind in ("done", "error"):
+                ended[index] = (kind, rest[-1])
+        batcher.close(timeout=10)
+        return ended
+
+    ended = asyncio.run(run())
+    assert ended[0][0] == "error" and "tokenizer fault" in str(ended[0][1])
+    assert ended[1][0] == "done" and ended[1][1]["token_ids"] == _alone(oracle["causal-lm"], [8, 9], 12,
+                                                                        eos_token_id=[])
 
 
 def test_openai_client_completions(causal, oracle):

@@ -192,7 +192,8 @@ class Batcher:
         for _ in steps:
             pass
         for row, reason in zip(rows, cast(_RowsChooser, chooser).reasons, strict=True):
-            row.emit("done", row.index, _finish(model, row, reason or "length"))
+            if reason != "failed":  # a failed row has had its error
+                row.emit("done", row.index, _finish(model, row, reason or "length"))
 
 
 class _RowsChooser:
@@ -204,7 +205,7 @@ class _RowsChooser:
         self.model, self.rows, self.on_tokens = model, rows, on_tokens
         self.choosers = [gen.chooser_for(r.params, ids[i:i + 1], mask[i:i + 1], model.vocab_size,
                                          model.pad_token_id, start) for i, r in enumerate(rows)]
-        self.reasons: list = [None] * len(rows)  # None while running; "stop", "length" or "cancelled"
+        self.reasons: list = [None] * len(rows)  # None while running; "stop", "length", "cancelled", "failed"
 
     @property
     def done(self) -> bool:
@@ -223,9 +224,18 @@ class _RowsChooser:
             out[i] = token
             produced += 1
             row.tokens.append(token)
-            self.reasons[i] = _step(self.model, row, token)
+            self.reasons[i] = _step_or_fail(self.model, row, token)
         self.on_tokens(produced)
         return out
+
+
+def _step_or_fail(model: RuntimeModel, row: Row, token: int) -> Optional[str]:
+    """``_step``; a row whose text fails (its tokenizer) gets the error and ends alone ("failed"), the batch goes on."""
+    try:
+        return _step(model, row, token)
+    except Exception as exc:
+        row.emit("error", row.index, exc)
+        return "failed"
 
 
 def _step(model: RuntimeModel, row: Row, token: int) -> Optional[str]:

@@ -220,7 +220,7 @@ class Continuous:
 
     # ---------------------------------------------------------------- one step for every running row
     def _decode(self, batch: _Running) -> None:
-        from .batcher import _step
+        from .batcher import _step_or_fail
 
         mask = np.concatenate([batch.mask, np.ones((len(batch), 1), np.int64)], 1)  # (B, P + 1)
         feed = {"input_ids": batch.last[:, None], "attention_mask": mask}
@@ -254,8 +254,8 @@ class Continuous:
             token = int(chooser(logits[i:i + 1])[0])
             tokens[i] = token
             row.tokens.append(token)
-            reasons.append(_step(self.model, row, token))
-        self.b.on_tokens(sum(r != "cancelled" for r in reasons))
+            reasons.append(_step_or_fail(self.model, row, token))
+        self.b.on_tokens(sum(r not in ("cancelled", "failed") for r in reasons))
         batch.mask, batch.last = mask, tokens
         self._finish(batch, reasons)
 
@@ -266,6 +266,8 @@ class Continuous:
         for i, (row, reason) in enumerate(zip(batch.rows, reasons, strict=True)):
             if reason is None and not row.cancelled:
                 keep.append(i)
+            elif reason == "failed":
+                continue  # its error is out
             elif reason == "cancelled" or row.cancelled:
                 row.emit("done", row.index, None)
             else:
