@@ -3,6 +3,7 @@ thread-safe, strict about bad input; its CLI; CUDA where it exists."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -145,6 +146,21 @@ def test_causal_greedy_equals_peft_generate(models, peft_adapters):
         np.testing.assert_array_equal(ours[: len(penalised)], penalised)
         changed += not np.array_equal(ours, model.generate(input_ids=[row], max_new_tokens=n)[0])
     assert compared >= 3 and changed >= 2  # both comparisons had something to see
+
+
+def test_generative_sessions_get_the_decoding_config(models):
+    """Sessions that decode a token at a time get session.DECODING_CONFIG (dynamic thread-pool blocks); the
+    classifiers' sessions keep onnxruntime's defaults."""
+    from ptuning_onnx.runtime.session import DECODING_CONFIG
+
+    for task, model in models.items():
+        for session in model.sessions.values():
+            options = session.get_session_options()
+            got = {}
+            for key in DECODING_CONFIG:
+                with contextlib.suppress(Exception):  # onnxruntime raises for a key never set
+                    got[key] = options.get_session_config_entry(key)
+            assert got == (DECODING_CONFIG if model.task in ("causal-lm", "seq2seq-lm") else {}), task
 
 
 def test_text_generation_and_stream(models):

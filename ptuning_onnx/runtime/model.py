@@ -20,7 +20,7 @@ import numpy as np
 from .. import manifest as mf
 from ..errors import ConfigError, ManifestError
 from . import generation as gen
-from .session import build_sessions, log
+from .session import DECODING_CONFIG, build_sessions, log
 from .templating import load_template
 from .tokenizer import load_tokenizer, require
 from .validation import (AttentionMaskError, GenerationParams, InputError, check_batch, check_length,
@@ -386,7 +386,9 @@ def load(path: Union[str, os.PathLike], provider: str = "auto", threads: Optiona
         raise ManifestError(f"manifest of {folder} lacks graphs {missing} for task {task}")
     paths = {g: mf.graph_path(folder, manifest, g) for g in graphs}
     _check_onnxruntime(folder, manifest)
-    sessions, device, device_id = build_sessions(paths, provider, threads)
+    generative = issubclass(TASK_CLASSES[task], _Generative)
+    sessions, device, device_id = build_sessions(paths, provider, threads,
+                                                 DECODING_CONFIG if generative else None)
     dtype = manifest.get("dtype", "fp32")
     if device == "cuda" and dtype == "fp32":
         log.info("ptuning_onnx.runtime: fp32 graphs on CUDA; an fp16 export (--dtype fp16) halves memory traffic")
