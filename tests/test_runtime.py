@@ -745,6 +745,7 @@ def test_text_stream_holds_byte_fallback_runs(tmp_path):
     stream = tokenizer.text_stream()
     pieces = [stream.add(i) for i in (0xC3 + 3, 0xA9 + 3, 0xC3 + 3, 259)]
     assert pieces == ["", "", "", "\ufffd" * 3 + " a"] and stream.text == tokenizer.decode([0xC6, 0xAC, 0xC6, 259])
+    assert stream._stream is not None  # still decoding a few tokens at a time, not whole lists
     utf8 = list("hé✓".encode()) + [0xC3, 0xFF]  # valid characters and invalid bytes
     held = _check_text_stream(tokenizer, lambda rng: [int(rng.choice([3 + int(rng.choice(utf8)), 259, 260, 2, 999]))
                                                       for _ in range(rng.integers(1, 30))])
@@ -762,5 +763,5 @@ def _check_text_stream(tokenizer, make_ids) -> int:
             pieces.append(stream.add(token))
             assert tokenizer.decode(ids[:k + 1]).startswith("".join(pieces)) and "".join(pieces) == stream.text
         held += stream.finish() != ""
-        assert stream.text == tokenizer.decode(ids)
+        assert stream.text == tokenizer.decode(ids) and stream._stream is not None
     return held

@@ -118,6 +118,8 @@ class TextStream:
         if self._stream is not None:
             try:
                 return self._stream.step(self._tok, ids if len(ids) > 1 else ids[0]) or ""
+            except TypeError:  # a tokenizers without list steps (< 0.22): a broken install, not a decoding fault
+                raise
             except Exception:  # a decoder that changed text already given ("Invalid prefix"): decode whole lists
                 self._stream = None
         whole = self._tok.decode(self.tokens, skip_special_tokens=True)

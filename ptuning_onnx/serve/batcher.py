@@ -222,9 +222,9 @@ class _RowsChooser:
                 continue
             token = int(self.choosers[i](logits[i:i + 1])[0])
             out[i] = token
-            produced += 1
             row.tokens.append(token)
             self.reasons[i] = _step_or_fail(self.model, row, token)
+            produced += self.reasons[i] != "failed"
         self.on_tokens(produced)
         return out
 
