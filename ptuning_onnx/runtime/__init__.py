@@ -7,8 +7,9 @@
     runtime.verify_golden("exported/")           # golden.npz through this runtime, on this host's provider
 """
 
-from .model import (CausalLM, FeatureExtractor, RuntimeModel, Seq2SeqLM, SequenceClassifier, TokenClassifier,
-                    load)
+from .encoders import FeatureExtractor, SequenceClassifier, TokenClassifier
+from .loader import load
+from .model import CausalLM, RuntimeModel, Seq2SeqLM
 from .generation import NaNLogitsError
 from .golden import GoldenMismatchError, NoGoldenError, verify_golden
 from .session import ProviderError, SessionLoadError, cuda_available

@@ -28,7 +28,8 @@ import numpy as np
 from .. import manifest as mf
 from ..errors import ManifestError, ParityError
 from ..tolerance import REL_LIMIT, MaxDiffs, RelativeErrors, default_atol, default_rtol
-from .model import RuntimeModel, _Generative, load
+from .loader import load
+from .model import RuntimeModel, _Generative
 from .session import GraphRunner
 from .validation import GenerationParams, InputError, check_batch
 from . import generation as gen
