@@ -20,7 +20,8 @@ import torch
 
 from . import manifest as mf
 from .errors import ParityError
-from .parity import ReferenceMemo, _Graphs
+from .parity import ReferenceMemo
+from .parity_onnx import Graphs
 from .reference import PTuningModel
 from .runtime import generation as gen
 
@@ -242,7 +243,7 @@ def _failure(message: str, report: dict) -> ParityError:
     return exc
 
 
-class _AdapterGraphs(_Graphs):
+class _AdapterGraphs(Graphs):
     """A multi-prompt folder's graphs seen as adapter ``prompt_id``'s single export: every row takes that prompt,
     and seq-cls/token-cls logits are cut to its ``labels`` (the graph pads them to the largest count). seq2seq-lm:
     the encoder's states lose the ``pad_slots`` in front of that adapter's real prompt slots (its single export's

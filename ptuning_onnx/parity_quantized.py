@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from .config import TaskType
-from .parity import (BATCHES, GREEDY_STEPS, LENGTHS, ReferenceMemo, _check_names, _failure, _greedy_onnx, _Graphs,
-                     _run_case, _run_outputs, _t, perturbed, reference_case, reference_greedy)
+from .parity import ReferenceMemo, as_tensor, failure, perturbed, reference_case, reference_greedy
+from .parity_onnx import (BATCHES, GREEDY_STEPS, LENGTHS, Graphs, check_names, greedy_onnx, run_case,
+                          run_outputs)
 from .reference import PTuningModel
 from .tolerance import REL_LIMIT
 from .tolerance import RelativeErrors as _Errors
@@ -41,10 +42,10 @@ def _forced_reference(ref: PTuningModel, ids, mask, tokens) -> np.ndarray:
     if ref.task == TaskType.SEQ_2_SEQ_LM:
         start = np.full((ids.shape[0], 1), ref.base.config.decoder_start_token_id, np.int64)
         dec = np.concatenate([start, tokens[:, :-1]], 1)
-        return ref(_t(ids), _t(mask), decoder_input_ids=_t(dec)).logits.float().numpy()
+        return ref(as_tensor(ids), as_tensor(mask), decoder_input_ids=as_tensor(dec)).logits.float().numpy()
     full = np.concatenate([ids, tokens[:, :-1]], 1)
     full_mask = np.concatenate([mask, np.ones_like(tokens[:, :-1])], 1)
-    return ref(_t(full), _t(full_mask)).logits[:, -steps:].float().numpy()
+    return ref(as_tensor(full), as_tensor(full_mask)).logits[:, -steps:].float().numpy()
 
 
 def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
@@ -71,7 +72,7 @@ def _many_rows(manifest: dict, seed: int, rows: int = 16, length: int = 12):
 
 def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = "cpu", seed: int = 0,
                     rel_limit: float = REL_LIMIT, exact: Optional[dict] = None,
-                    memo: Optional[ReferenceMemo] = None, graphs: Optional[_Graphs] = None) -> dict:
+                    memo: Optional[ReferenceMemo] = None, graphs: Optional[Graphs] = None) -> dict:
     """Gate a quantized folder; return the report, or raise ``ParityError`` (with ``.report``).
 
     ``exact``: the fp32 graph's exact parity report from before quantization, kept in this report. ``memo``: the
@@ -80,21 +81,21 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
     from pathlib import Path
 
     ref = ref.eval()
-    graphs = graphs if graphs is not None else _Graphs(Path(folder), manifest, device)
+    graphs = graphs if graphs is not None else Graphs(Path(folder), manifest, device)
     task = ref.task
     report = {"gate": "quantized", "quantize": manifest.get("quantize"), "rel_limit": rel_limit, "device": device,
               "seed": seed, "batches": list(BATCHES), "lengths": list(LENGTHS), "fp32_exact": exact}
-    problems = _check_names(graphs, manifest)
+    problems = check_names(graphs, manifest)
     if problems:
         report.update(passed=False, problems=problems)
-        raise _failure("names differ: " + "; ".join(problems), report)
+        raise failure("names differ: " + "; ".join(problems), report)
     control_ref = perturbed(ref, seed)
     memo = memo if memo is not None else ReferenceMemo()
     # The padded 3-row case of length 7 (every shape was already checked exactly on the fp32 graph) and the decoding
     # steps: the reference's and the control's outputs for it are in the memo from that check, so a 1B model pays
     # only for the control's teacher-forced steps.
     # A model with few positions has only shorter cases: then the longest of them.
-    padded = _run_outputs(graphs, manifest, task, seed, batches=(max(BATCHES),))
+    padded = run_outputs(graphs, manifest, task, seed, batches=(max(BATCHES),))
     # (the cases come in ascending length; the last is the exact gate's decoding case when no length is 7, even
     # where a template's slots make several cases equally long)
     runs = [r for r in padded if r[0][0].shape[1] == 7] or padded[-1:]
@@ -103,7 +104,7 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
         # few for a norm to mean anything. Add 16 rows (cheap: the graph pools one position).
         many = _many_rows(manifest, seed)
         if many is not None:
-            runs.append(_run_case(graphs, task, *many))
+            runs.append(run_case(graphs, task, *many))
     errors = _Errors()
     for case, out in runs:
         arrays = [c for c in case if c is not None]
@@ -124,7 +125,7 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
                                 lambda: reference_greedy(ref, ids, mask, GREEDY_STEPS))
         ctrl = memo.get("control", "forced", [ids, mask, tokens],
                         lambda: _forced_reference(control_ref, ids, mask, tokens))
-        _, got = _greedy_onnx(graphs, manifest, task, ids, mask, tokens.shape[1], forced=tokens)
+        _, got = greedy_onnx(graphs, manifest, task, ids, mask, tokens.shape[1], forced=tokens)
         errors.add("greedy_logits", got, want, ctrl)
         report["greedy_steps"] = GREEDY_STEPS
     rel, control = errors.ratios(errors.err), errors.ratios(errors.control)
@@ -140,11 +141,11 @@ def check_quantized(folder, ref: PTuningModel, manifest: dict, *, device: str = 
     )
     if not passed:
         worst = ", ".join(f"{k}={v:.3g}" for k, v in rel.items())
-        raise _failure(f"quantized graph differs from the PyTorch reference by more than {rel_limit:g} of the "
+        raise failure(f"quantized graph differs from the PyTorch reference by more than {rel_limit:g} of the "
                        f"prompt's own effect: {worst}", report)
     if not control_failed:
         close = ", ".join(f"{k} {rel[k]:.2f} vs {control[k]:.2f}" for k in rel)
-        raise _failure(f"negative control passed: the {manifest.get('quantize')} graph is about as close to a "
+        raise failure(f"negative control passed: the {manifest.get('quantize')} graph is about as close to a "
                        f"perturbed prompt's outputs as to its own prompt's ({close}, in units of the prompt's "
                        "effect), so quantization erases what the prompt does on this model; use int8 or fp32",
                        report)

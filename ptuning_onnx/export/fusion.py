@@ -179,14 +179,14 @@ WORKLOAD_TEXT = {
 def _time_both(folder: Path, graphs: list, candidates: dict, task, config) -> tuple[float, float]:
     """Median milliseconds of the task's workload on the unfused and the fused graphs, interleaved."""
     from ..config import TaskType
-    from ..parity import _greedy_onnx, _Graphs, _run_case
+    from ..parity_onnx import Graphs, greedy_onnx, run_case
 
     vocab = int(config.vocab_size)
     manifests = []
     for files in ({g: f"{g}.onnx" for g in graphs}, {g: candidates[g].name for g in graphs}):
         manifests.append({"graphs": {g: {"file": f} for g, f in files.items()}, "dtype": "fp32",
                           "model": {"decoder_start_token_id": getattr(config, "decoder_start_token_id", None)}})
-    sessions = [_Graphs(folder, m, "cpu") for m in manifests]
+    sessions = [Graphs(folder, m, "cpu") for m in manifests]
     rng = np.random.default_rng(0)
     generating = task in (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)
     ids = rng.integers(0, vocab, size=(1, 32) if generating else (4, 32), dtype=np.int64)
@@ -195,9 +195,9 @@ def _time_both(folder: Path, graphs: list, candidates: dict, task, config) -> tu
     def once(which: int) -> float:
         start = time.perf_counter()
         if generating:
-            _greedy_onnx(sessions[which], manifests[which], task, ids, mask, 16)
+            greedy_onnx(sessions[which], manifests[which], task, ids, mask, 16)
         else:
-            _run_case(sessions[which], task, ids, mask)
+            run_case(sessions[which], task, ids, mask)
         return (time.perf_counter() - start) * 1e3
 
     once(0), once(1)  # warm-up: first runs allocate
