@@ -15,7 +15,7 @@ import numpy as np
 
 def template_cases(entry: dict, vocab: int, limit: Optional[int], padding_side: str, seed: int,
                    batches: tuple, lengths: tuple, pad_every: Optional[int] = None):
-    """Yields (input_ids, attention_mask) int64 (B, L), like parity._cases, for the manifest's ``template``.
+    """Yields (input_ids, attention_mask) int64 (B, L), like parity_onnx.random_cases, for the manifest's ``template``.
     ``pad_every``: pad every that many rows (from row 0), as parity_quantized's extra rows do, in place of the
     3-row batches' rows 1 and 2."""
     rng = np.random.default_rng(seed)

@@ -336,8 +336,8 @@ def test_sampling_candidates_equal_a_full_sort(seed):
     assert not np.array_equal(_full_sort_candidates(row, None, 0.75)[0], _full_sort_candidates(row, None, 0.9)[0])
 
 
-@pytest.mark.parametrize("kw", [{}, {"do_sample": True, "seed": 0}, {"do_sample": True, "seed": 0, "top_k": 2},
-                                {"do_sample": True, "seed": 0, "top_p": 0.9}])
+@pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 1.3}, {"do_sample": True, "seed": 0},
+                                {"do_sample": True, "seed": 0, "top_k": 2}, {"do_sample": True, "seed": 0, "top_p": 0.9}])
 def test_nan_logits_are_named(kw):
     from ptuning_onnx.runtime import NaNLogitsError
     from ptuning_onnx.runtime.generation import TokenChooser

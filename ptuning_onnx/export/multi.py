@@ -268,8 +268,7 @@ def export_multi(base_model: os.PathLike, adapters: dict, output: os.PathLike, *
 
     output = check_output(output, overwrite)
     check_options(dtype=dtype, device=device, quantize=quantize, external_data=external_data, opset=opset,
-                  int4_block_size=int4_block_size,
-                  skip_verify=skip_verify)
+                  skip_verify=skip_verify, int4_block_size=int4_block_size)
     if device != "cpu" and not skip_verify:
         raise ConfigError(f"--device {device}: a multi-prompt export's parity runs on the CPU; check the folder on a "
                           "GPU host with ptuning-verify --provider cuda (its golden.npz holds every adapter's rows)")

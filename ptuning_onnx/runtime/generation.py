@@ -18,10 +18,9 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..errors import PtuningError
-from .session import GraphRunner, SharedKVCache
+from .session import FLOAT_TYPES, GraphRunner, SharedKVCache
 from .validation import GenerationParams
 
-_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _F32_MAX = np.finfo(np.float32).max
 
 
@@ -42,7 +41,7 @@ def empty_past(session, batch: int) -> dict:
             heads, head_dim = spec.shape[1], spec.shape[3]
             if not isinstance(heads, int) or not isinstance(head_dim, int):
                 raise ValueError(f"graph input {spec.name} has symbolic heads/head_dim {spec.shape}")
-            out[spec.name] = np.zeros((batch, heads, 0, head_dim), _FLOAT_TYPES.get(spec.type, np.float32))
+            out[spec.name] = np.zeros((batch, heads, 0, head_dim), FLOAT_TYPES.get(spec.type, np.float32))
     return out
 
 
@@ -77,11 +76,10 @@ class TokenChooser:
         return bool(self.finished.all())
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        scores = np.array(logits, dtype=np.float32)  # a copy: fp16 graphs, and the processors write in place
-        bad = np.isnan(scores.max(-1))  # a row's max is NaN where any of its logits is: no (B, V) temporary
-        if bad.any():
-            raise NaNLogitsError(f"the graph returned NaN logits (rows {np.flatnonzero(bad).tolist()}); an fp16 "
-                                     "graph may have overflowed: export fp32 or check the inputs")
+        # The penalty writes into the scores: then a copy (fp16 logits are converted either way).
+        scores = np.array(logits, np.float32) if self.seen is not None else np.asarray(logits, np.float32)
+        if self.p.do_sample:
+            self._check_finite(scores.max(-1))  # a row's max is NaN where any of its logits is
         if self.seen is not None and scores.shape[-1] == self.seen.shape[-1]:
             penalty = np.float32(self.p.repetition_penalty)
             hit = scores[self.seen]
@@ -90,7 +88,11 @@ class TokenChooser:
             with np.errstate(over="ignore"):
                 scores[self.seen] = np.where(hit < 0, hit * penalty, hit / penalty)
             np.clip(scores, -_F32_MAX, _F32_MAX, out=scores)
-        tokens = self._sample(scores) if self.p.do_sample else scores.argmax(-1)
+        if self.p.do_sample:
+            tokens = self._sample(scores)
+        else:  # argmax picks a row's first NaN when it has one: checking the picked scores finds every such row
+            tokens = scores.argmax(-1)
+            self._check_finite(scores[np.arange(len(tokens)), tokens])
         tokens = np.where(self.finished, self.pad_id, tokens).astype(np.int64)
         if self.seen is not None:
             live = np.flatnonzero(~self.finished)
@@ -98,6 +100,13 @@ class TokenChooser:
         if self.eos.size:
             self.finished |= np.isin(tokens, self.eos)
         return tokens
+
+    @staticmethod
+    def _check_finite(per_row: np.ndarray) -> None:
+        bad = np.isnan(per_row)
+        if bad.any():
+            raise NaNLogitsError(f"the graph returned NaN logits (rows {np.flatnonzero(bad).tolist()}); an fp16 "
+                                 "graph may have overflowed: export fp32 or check the inputs")
 
     def _sample(self, scores: np.ndarray) -> np.ndarray:
         p, rng = self.p, self.rng

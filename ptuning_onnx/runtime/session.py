@@ -196,11 +196,14 @@ def _contiguous(value) -> np.ndarray:
     return np.asarray(value, order="C")
 
 
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 def _output_buffer(session, name: str, leading: tuple) -> Optional[np.ndarray]:
     """An empty array for output ``name`` with ``leading`` dims and the graph's fixed trailing ones, or None when a
     trailing dim is symbolic or the type is not a plain float."""
     output = next(o for o in session.get_outputs() if o.name == name)
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(output.type)
+    dtype = FLOAT_TYPES.get(output.type)
     trailing = output.shape[len(leading):]
     if dtype is None or not all(isinstance(d, int) and d > 0 for d in trailing):
         return None

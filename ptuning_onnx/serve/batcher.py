@@ -212,21 +212,29 @@ class _RowsChooser:
         return all(reason is not None for reason in self.reasons)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:  # (B, V) -> (B,)
-        out = np.full(len(self.rows), self.model.pad_token_id, np.int64)
-        produced = 0
-        for i, row in enumerate(self.rows):
-            if self.reasons[i] is not None:
-                continue
-            if row.cancelled:
-                self.reasons[i] = "cancelled"
-                continue
-            token = int(self.choosers[i](logits[i:i + 1])[0])
-            out[i] = token
-            row.tokens.append(token)
-            self.reasons[i] = _step_or_fail(self.model, row, token)
-            produced += self.reasons[i] != "failed"
+        out, produced = choose_tokens(self.model, self.rows, self.choosers, logits, self.reasons)
         self.on_tokens(produced)
         return out
+
+
+def choose_tokens(model: RuntimeModel, rows: list, choosers: list, logits: np.ndarray, reasons: list) -> tuple:
+    """Each running row's next token from its own chooser on its own logits (B, V), streamed by ``_step``;
+    ``reasons[i]`` becomes why row i ends ("stop", "length", "cancelled", "failed"), or stays None while it runs.
+    Returns (tokens (B,), the pad id in rows that had ended; how many tokens the rows produced)."""
+    out = np.full(len(rows), model.pad_token_id, np.int64)
+    produced = 0
+    for i, row in enumerate(rows):
+        if reasons[i] is not None:
+            continue
+        if row.cancelled:
+            reasons[i] = "cancelled"
+            continue
+        token = int(choosers[i](logits[i:i + 1])[0])
+        out[i] = token
+        row.tokens.append(token)
+        reasons[i] = _step_or_fail(model, row, token)
+        produced += reasons[i] != "failed"
+    return out, produced
 
 
 def _step_or_fail(model: RuntimeModel, row: Row, token: int) -> Optional[str]:

@@ -220,7 +220,7 @@ class Continuous:
 
     # ---------------------------------------------------------------- one step for every running row
     def _decode(self, batch: _Running) -> None:
-        from .batcher import _step_or_fail
+        from .batcher import choose_tokens
 
         mask = np.concatenate([batch.mask, np.ones((len(batch), 1), np.int64)], 1)  # (B, P + 1)
         feed = {"input_ids": batch.last[:, None], "attention_mask": mask}
@@ -245,17 +245,9 @@ class Continuous:
                 row.emit("error", row.index, exc)
             batch.keep([])
             return
-        reasons: list = []
-        tokens = np.full(len(batch), self.model.pad_token_id, np.int64)
-        for i, (row, chooser) in enumerate(zip(batch.rows, batch.choosers, strict=True)):
-            if row.cancelled:
-                reasons.append("cancelled")
-                continue
-            token = int(chooser(logits[i:i + 1])[0])
-            tokens[i] = token
-            row.tokens.append(token)
-            reasons.append(_step_or_fail(self.model, row, token))
-        self.b.on_tokens(sum(r not in ("cancelled", "failed") for r in reasons))
+        reasons: list = [None] * len(batch)
+        tokens, produced = choose_tokens(self.model, batch.rows, batch.choosers, logits, reasons)
+        self.b.on_tokens(produced)
         batch.mask, batch.last = mask, tokens
         self._finish(batch, reasons)
 
